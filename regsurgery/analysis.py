@@ -1,0 +1,378 @@
+"""Residual-site detection: a pure function of block-local fx graphs.
+
+A residual add merges a *branch* computed from a value ``v`` with ``v`` itself (identity
+shortcut) or with a cheap projection of ``v`` (a 1x1 conv + norm, a pooling, a scale: the
+downsampling path). The decision is made on the dataflow graph, never on names:
+
+* identity: one operand ``s`` is an ancestor of the other operand ``t``;
+* projection: one operand ``s`` is reached from an ancestor ``v`` of ``t`` through a chain of
+  single-input nodes that holds at most one weighted layer (conv / linear).
+
+The branch (the nodes on paths from the shortcut source to ``t``) must do real work: at least
+two weighted layers, or one weighted layer and a normalization. For a projection shortcut the
+branch must also be deeper than the shortcut. This rejects the decoys seen in real models:
+
+* position embeddings and attention biases/masks: the other operand is a parameter, a buffer or
+  an unrelated input, never an ancestor;
+* sums of attention terms and of parallel conv branches (RepVGG / MobileOne): siblings, not
+  ancestor and descendant, and each parallel branch is a single weighted layer;
+* conditional position encodings (``x + dwconv(x)``): a single weighted layer, no norm;
+* FPN-style merges: the branch upsamples.
+
+"Weighted layer" counts leaf modules: a built-in conv / linear / attention is 1, a custom module
+counts the conv and linear layers inside it (at least 1 if it holds any layer that computes).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .tracing import (
+    BlockGraph,
+    TraceFailure,
+    is_drop_path_slot,
+    is_library_module,
+    iter_block_graphs,
+    module_of,
+    qualified,
+    tensor_inputs,
+)
+
+__all__ = ["ResidualSite", "SiteReport", "find_residual_sites", "analyse_block", "residual_report"]
+
+_WEIGHTED_TYPES = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.Bilinear,
+    nn.MultiheadAttention,
+    nn.RNNBase,
+)
+_NORM_TYPES = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+)
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+_WEIGHTED_FUNCTIONS = {
+    torch.matmul, torch.bmm, torch.mm, torch.einsum, torch.baddbmm, operator.matmul,
+    F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+    F.conv_transpose3d, F.scaled_dot_product_attention,
+}
+_WEIGHTED_METHODS = {"matmul", "bmm", "mm"}
+_NORM_FUNCTIONS = {F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.normalize}
+_UPSAMPLE_FUNCTIONS = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
+if hasattr(nn, "RMSNorm"):
+    _NORM_TYPES = (*_NORM_TYPES, nn.RMSNorm)
+if hasattr(F, "rms_norm"):
+    _NORM_FUNCTIONS.add(F.rms_norm)
+
+#: The projection chain of a shortcut may hold at most this many nodes.
+_MAX_PROJECTION_CHAIN = 8
+
+
+@dataclass
+class ResidualSite:
+    """One residual add in the forward of the module at ``scope``.
+
+    ``index`` is the position of the site in the model (registration order of scopes, then
+    graph order); ``depth`` is the block index schedules use (every site in one scope shares it,
+    so both residuals of a transformer block get the same rate). Node names refer to the
+    scope's train-mode block graph (see :func:`regsurgery.tracing.trace_block`).
+    """
+
+    scope: str
+    index: int
+    depth: int
+    add: str
+    branch: str
+    shortcut: str
+    branch_operand: int
+    kind: str  # "identity" or "projection"
+    branch_nodes: list[str] = field(default_factory=list)
+    shortcut_nodes: list[str] = field(default_factory=list)
+    branch_weight: float = 0.0
+    existing: Optional[str] = None  # qualified name of an existing DropPath/StochasticDepth slot
+    existing_attr: Optional[str] = None  # its rate attribute ("drop_prob" for timm, "p" otherwise)
+    trace_policy: str = "children"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class SiteReport:
+    """What detection found, and what it could not look at."""
+
+    sites: list[ResidualSite]
+    skipped: list[TraceFailure]
+    blocks_traced: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sites": [s.to_dict() for s in self.sites],
+            "skipped": [vars(f) for f in self.skipped],
+            "blocks_traced": self.blocks_traced,
+        }
+
+
+# ----------------------------------------------------------------------------- node properties
+
+
+def _count_layers(module: nn.Module) -> tuple[int, bool, bool]:
+    """(weighted layers inside, holds a norm, holds any computing layer) for a leaf module."""
+    weighted = 0
+    has_norm = False
+    computes = False
+    for m in module.modules():
+        if isinstance(m, _WEIGHTED_TYPES):
+            weighted += 1
+        elif isinstance(m, _NORM_TYPES) or "Norm" in type(m).__name__:
+            has_norm = True
+        if m is not module and not isinstance(
+            m, (nn.Identity, nn.modules.dropout._DropoutNd, nn.Sequential, nn.ModuleList)
+        ) and not is_drop_path_slot(m):
+            computes = True
+    return weighted, has_norm, computes
+
+
+def _is_norm_module(module: nn.Module) -> bool:
+    return isinstance(module, _NORM_TYPES) or (
+        is_library_module(module) and "Norm" in type(module).__name__
+    )
+
+
+@dataclass(frozen=True)
+class _NodeCost:
+    weight: float
+    norm: bool
+    upsample: bool
+
+
+def _node_cost(node: fx.Node, root: nn.Module) -> _NodeCost:
+    if node.op == "call_module":
+        m = module_of(node, root)
+        if m is None or is_drop_path_slot(m):
+            return _NodeCost(0.0, False, False)
+        if isinstance(m, nn.Upsample):
+            return _NodeCost(0.0, False, True)
+        if isinstance(m, _WEIGHTED_TYPES):
+            return _NodeCost(1.0, False, False)
+        if _is_norm_module(m):
+            return _NodeCost(0.0, True, False)
+        if is_library_module(m):
+            return _NodeCost(0.0, False, False)
+        weighted, has_norm, computes = _count_layers(m)
+        # A custom module that computes with no weights (PoolFormer's pooling mixer) is one layer;
+        # one with no children (a layer-scale multiplier) is a scale, not a layer.
+        return _NodeCost(float(weighted) if weighted else (1.0 if computes else 0.0), has_norm, False)
+    if node.op == "call_function":
+        if node.target in _WEIGHTED_FUNCTIONS:
+            return _NodeCost(1.0, False, False)
+        if node.target in _NORM_FUNCTIONS:
+            return _NodeCost(0.0, True, False)
+        if node.target in _UPSAMPLE_FUNCTIONS:
+            return _NodeCost(0.0, False, True)
+    if node.op == "call_method" and node.target in _WEIGHTED_METHODS:
+        return _NodeCost(1.0, False, False)
+    return _NodeCost(0.0, False, False)
+
+
+def _is_add(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
+    """The two tensor operands of an elementwise add, or None."""
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        if len(node.args) != 2 or set(node.kwargs) - {"out"}:
+            return None  # torch.add(a, b, alpha=...) scales an operand: not a plain residual
+        a, b = node.args
+    elif node.op == "call_method" and node.target in _ADD_METHODS:
+        if len(node.args) != 2 or node.kwargs:
+            return None
+        a, b = node.args
+    else:
+        return None
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node) and a is not b:
+        return a, b
+    return None
+
+
+def _is_value(node: fx.Node) -> bool:
+    """A node that carries data flowing into the block (not a parameter, buffer or constant)."""
+    return node.op not in ("get_attr",)
+
+
+# ----------------------------------------------------------------------------- graph helpers
+
+
+class _Dataflow:
+    """Ancestor sets of every node of one graph, computed once."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.ancestors: dict[fx.Node, frozenset[fx.Node]] = {}
+        self.from_value: dict[fx.Node, bool] = {}
+        for n in graph.nodes:
+            inputs = tensor_inputs(n)
+            anc: set[fx.Node] = set(inputs)
+            for i in inputs:
+                anc |= self.ancestors[i]
+            self.ancestors[n] = frozenset(anc)
+            # Does any placeholder reach this node? (a pure function of parameters does not)
+            self.from_value[n] = n.op == "placeholder" or any(self.from_value[i] for i in inputs)
+
+    def between(self, source: fx.Node, target: fx.Node) -> list[fx.Node]:
+        """Nodes on some path source -> target, excluding source, including target."""
+        return [n for n in self.ancestors[target] if source in self.ancestors[n]] + [target]
+
+
+def _projection_chain(
+    shortcut: fx.Node, branch: fx.Node, flow: _Dataflow, root: nn.Module
+) -> Optional[tuple[fx.Node, list[fx.Node], float]]:
+    """Walk from ``shortcut`` back through single-input nodes to an ancestor of ``branch``.
+
+    Returns (source, chain nodes, chain weight) or None when no cheap chain reaches one.
+    """
+    chain: list[fx.Node] = []
+    weight = 0.0
+    node = shortcut
+    branch_ancestors = flow.ancestors[branch]
+    for _ in range(_MAX_PROJECTION_CHAIN):
+        value_inputs = [i for i in tensor_inputs(node) if flow.from_value[i]]
+        if node.op != "call_module" and node.op != "call_function" and node.op != "call_method":
+            return None
+        if len(value_inputs) != 1:
+            return None
+        chain.append(node)
+        weight += _node_cost(node, root).weight
+        if weight > 1.0:
+            return None
+        node = value_inputs[0]
+        if node in branch_ancestors:
+            return node, chain, weight
+    return None
+
+
+def _existing_slot(branch: fx.Node, root: nn.Module, scope: str) -> tuple[Optional[str], Optional[str]]:
+    """An existing DropPath / StochasticDepth module applied last on the branch (through scales)."""
+    node = branch
+    for _ in range(4):
+        if node.op == "call_module":
+            m = module_of(node, root)
+            if m is not None and is_drop_path_slot(m):
+                attr = "drop_prob" if hasattr(m, "drop_prob") else "p"
+                return qualified(scope, str(node.target)), attr
+        inputs = tensor_inputs(node)
+        if not inputs:
+            break
+        # Step back through a layer-scale multiply or a scale module: the data input is the one
+        # that is not a parameter.
+        data = [i for i in inputs if i.op != "get_attr"]
+        if len(data) != 1:
+            break
+        node = data[0]
+    return None, None
+
+
+def _classify_add(
+    add: fx.Node, a: fx.Node, b: fx.Node, flow: _Dataflow, root: nn.Module
+) -> Optional[dict[str, Any]]:
+    candidates = []
+    for branch_pos, (branch, shortcut) in enumerate(((a, b), (b, a))):
+        if not (flow.from_value[branch] and flow.from_value[shortcut]):
+            continue
+        if not _is_value(shortcut):
+            continue
+        if shortcut in flow.ancestors[branch]:
+            source, chain, chain_weight, kind = shortcut, [], 0.0, "identity"
+        else:
+            found = _projection_chain(shortcut, branch, flow, root)
+            if found is None:
+                continue
+            source, chain, chain_weight = found
+            kind = "projection"
+        body = flow.between(source, branch)
+        costs = [_node_cost(n, root) for n in body]
+        weight = sum(c.weight for c in costs)
+        norm = any(c.norm for c in costs)
+        if any(c.upsample for c in costs):
+            continue  # FPN-style top-down merge
+        if not (weight >= 2 or (weight >= 1 and norm)):
+            continue
+        if kind == "projection" and not (weight >= 2 and weight > chain_weight):
+            continue
+        candidates.append(
+            dict(
+                branch=branch, shortcut=shortcut, branch_operand=branch_pos, kind=kind,
+                branch_nodes=[n.name for n in body], shortcut_nodes=[n.name for n in chain],
+                branch_weight=weight,
+            )
+        )
+    if not candidates:
+        return None
+    return max(candidates, key=lambda c: c["branch_weight"])
+
+
+def analyse_block(block: BlockGraph) -> list[dict[str, Any]]:
+    """The residual adds in one block graph, in graph order, as plain dicts (no index/depth yet)."""
+    flow = _Dataflow(block.graph)
+    found = []
+    for node in block.graph.nodes:
+        operands = _is_add(node)
+        if operands is None:
+            continue
+        info = _classify_add(node, *operands, flow, block.module)
+        if info is None:
+            continue
+        existing, attr = _existing_slot(info["branch"], block.module, block.scope)
+        info.update(
+            add=node.name, branch=info["branch"].name, shortcut=info["shortcut"].name,
+            existing=existing, existing_attr=attr, trace_policy=block.policy,
+        )
+        found.append(info)
+    return found
+
+
+def residual_report(
+    model_or_blocks: Union[nn.Module, Iterable[Union[BlockGraph, TraceFailure]]],
+) -> SiteReport:
+    """All residual sites of a model, with the modules that could not be traced."""
+    items = (
+        iter_block_graphs(model_or_blocks)
+        if isinstance(model_or_blocks, nn.Module)
+        else model_or_blocks
+    )
+    sites: list[ResidualSite] = []
+    skipped: list[TraceFailure] = []
+    traced = 0
+    depth_of: dict[str, int] = {}
+    for item in items:
+        if isinstance(item, TraceFailure):
+            skipped.append(item)
+            continue
+        traced += 1
+        for info in analyse_block(item):
+            depth = depth_of.setdefault(item.scope, len(depth_of))
+            sites.append(ResidualSite(scope=item.scope, index=len(sites), depth=depth, **info))
+    return SiteReport(sites=sites, skipped=skipped, blocks_traced=traced)
+
+
+def find_residual_sites(
+    model: nn.Module, example_inputs: Optional[Any] = None
+) -> list[ResidualSite]:
+    """Find the residual adds of ``model`` from its dataflow graphs.
+
+    Each module with a forward of its own is traced alone (block-local tracing, see
+    :mod:`regsurgery.tracing`), so models that do not trace as a whole still get their blocks
+    analysed; :func:`residual_report` also lists what could not be traced. ``example_inputs``
+    is accepted for symmetry with :func:`regsurgery.find_conv_stages`; detection does not need
+    one. The model is not modified.
+    """
+    del example_inputs  # detection is symbolic
+    return residual_report(model).sites

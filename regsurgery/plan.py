@@ -1,0 +1,168 @@
+"""The Plan: which regularizer goes where, as plain data.
+
+A Plan is what ``inspect`` prints, what ``patch`` stores in a checkpoint and what ``load``
+re-applies. It never holds modules or tensors, only names: the scope of the block, the fx node
+(in the block's train-mode graph) whose value the op is applied to, and the op's parameters.
+Rewriting follows a Plan and never re-decides anything.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Union
+
+__all__ = [
+    "PlannedOp",
+    "Plan",
+    "PLAN_FORMAT",
+    "depth_rates",
+    "scope_selected",
+    "check_rate",
+]
+
+PLAN_FORMAT = "regsurgery.plan/1"
+OP_KINDS = ("drop_path", "drop_block", "set_rate")
+
+#: A schedule maps (depth, number of depths, rate) to the rate of that depth.
+ScheduleFn = Callable[[int, int, float], float]
+
+
+def check_rate(name: str, value: Any) -> float:
+    """A rate in [0, 1]; anything else (NaN included) is a ValueError naming ``name``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    if math.isnan(v) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return v
+
+
+@dataclass
+class PlannedOp:
+    """One regularizer to insert (or one existing slot whose rate to set).
+
+    kind:    ``"drop_path"``, ``"drop_block"`` or ``"set_rate"`` (an existing DropPath slot).
+    scope:   qualified name of the module whose forward is rewritten (``""`` is the root).
+    anchor:  fx node name (train-mode block graph) whose value the op transforms.
+    user:    if set, only this node's use of ``anchor`` is rewired (e.g. the residual add);
+             otherwise every use is.
+    role:    ``"branch"``, ``"skip"`` or ``"conv"`` (after a conv layer of a branch).
+    params:  the op's arguments (``p``, ``mode``, ``block_size``, ...); for ``set_rate``:
+             ``module`` (qualified name), ``attr`` and ``p``.
+    """
+
+    kind: str
+    scope: str
+    anchor: str = ""
+    user: Optional[str] = None
+    role: str = "branch"
+    depth: int = 0
+    site: Optional[int] = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in OP_KINDS:
+            raise ValueError(f"PlannedOp.kind must be one of {OP_KINDS}, got {self.kind!r}")
+
+    @property
+    def key(self) -> tuple:
+        """Two ops with the same key are the same insertion (re-applying replaces, never doubles)."""
+        if self.kind == "set_rate":
+            return (self.kind, self.params.get("module"))
+        return (self.kind, self.scope, self.anchor, self.user)
+
+
+@dataclass
+class Plan:
+    """An ordered list of planned ops plus free-form metadata (what produced it)."""
+
+    ops: list[PlannedOp] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": PLAN_FORMAT, "meta": dict(self.meta), "ops": [asdict(op) for op in self.ops]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not a regsurgery plan (expected format {PLAN_FORMAT!r}, got {found!r})")
+        return cls(ops=[PlannedOp(**op) for op in data.get("ops", [])], meta=dict(data.get("meta", {})))
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+    def __add__(self, other: Plan) -> Plan:
+        merged = {op.key: op for op in self.ops}
+        merged.update({op.key: op for op in other.ops})
+        return Plan(ops=list(merged.values()), meta={**self.meta, **other.meta})
+
+    def rates(self) -> dict[str, float]:
+        """Planned rate per op, keyed ``kind@scope:anchor`` (for printing)."""
+        return {f"{op.kind}@{op.scope}:{op.anchor or op.params.get('module')}": op.params.get("p", 0.0)
+                for op in self.ops}
+
+
+def depth_rates(
+    num_depths: int, rate: float, schedule: Union[str, ScheduleFn] = "linear"
+) -> list[float]:
+    """Rate of each depth ``0 .. num_depths-1``.
+
+    ``"linear"``: ``rate * d / (num_depths - 1)``, the first block 0 and the deepest ``rate`` (timm's
+    ``linspace(0, rate, depth)``; the stochastic-depth paper's linear decay rule, Huang et al. 2016).
+    ``"uniform"``: ``rate`` everywhere. A callable gets ``(depth, num_depths, rate)`` and returns
+    the rate of that depth (checked to lie in [0, 1]).
+    """
+    rate = check_rate("rate", rate)
+    if num_depths <= 0:
+        return []
+    if schedule == "linear":
+        if num_depths == 1:
+            return [rate]
+        return [rate * d / (num_depths - 1) for d in range(num_depths)]
+    if schedule == "uniform":
+        return [rate] * num_depths
+    if callable(schedule):
+        return [check_rate(f"schedule({d}, {num_depths}, {rate})", schedule(d, num_depths, rate))
+                for d in range(num_depths)]
+    raise ValueError(f"schedule must be 'linear', 'uniform' or a callable, got {schedule!r}")
+
+
+def _patterns(name: str, value: Union[None, str, Sequence[str]]) -> Optional[list[str]]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    items = list(value)
+    if not all(isinstance(p, str) for p in items):
+        raise ValueError(f"{name} must be a scope pattern or a list of them, got {value!r}")
+    return items
+
+
+def scope_selected(
+    scope: str,
+    include: Union[None, str, Sequence[str]] = None,
+    exclude: Union[None, str, Sequence[str]] = None,
+) -> bool:
+    """Does ``scope`` pass the filters? Patterns are shell-style (``layer3.*``, ``blocks.1?``);
+    a pattern also selects everything below a scope it names (``layer3`` selects ``layer3.0``)."""
+
+    def hit(patterns: list[str]) -> bool:
+        return any(
+            fnmatch.fnmatchcase(scope, p) or fnmatch.fnmatchcase(scope, p + ".*") for p in patterns
+        )
+
+    inc = _patterns("include", include)
+    exc = _patterns("exclude", exclude)
+    if inc is not None and not hit(inc):
+        return False
+    return not (exc is not None and hit(exc))

@@ -1,0 +1,283 @@
+"""Apply a Plan to a model in place, and take it out again.
+
+Patching is block-local and keeps the user's model object:
+
+* the block (the module whose forward performs the add) is traced alone, in train mode;
+* each planned op becomes a ``call_module`` node on a regularizer module registered under the
+  block's child ``ModuleDict`` named ``regsurgery`` (``layer3.2.regsurgery.dp0``): a leaf, so
+  train/eval is decided at run time, and one module per call site, not per reused module;
+* the graph's code becomes the block's *train-mode* forward, installed as an instance attribute
+  ``forward``. In eval mode the instance forward calls the class's own forward, so eval outputs
+  are bitwise those of the original and exports see the original graph.
+
+The model keeps its class, methods and attributes; ``state_dict()`` keeps its keys (the
+regularizers hold no parameters or buffers). :func:`strip` deletes the instance forwards, the
+``regsurgery`` children and restores every existing slot rate the plan changed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import linecache
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch.fx as fx
+from torch import nn
+
+from .plan import Plan, PlannedOp, check_rate
+from .tracing import get_submodule, trace_block
+
+__all__ = ["apply_plan", "strip", "is_patched", "inserted_modules", "patched_scopes", "PlanMismatchError"]
+
+CONTAINER = "regsurgery"  # name of the ModuleDict child holding a block's inserted modules
+_STATE = "_regsurgery_patch"  # per-block patch state (instance attribute)
+_SLOTS = "_regsurgery_slots"  # on the root: original rates of existing slots we changed
+_counter = itertools.count()
+
+
+class PlanMismatchError(ValueError):
+    """The plan names a scope or graph node the model does not have (another architecture?)."""
+
+
+@dataclass
+class _PatchState:
+    ops: list[PlannedOp]
+    modules: dict[tuple, nn.Module]
+    train_forward: Callable[..., Any]
+    source: str = field(repr=False, default="")
+
+
+def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    # Train mode runs the rewritten graph; eval mode is the untouched class forward, so eval
+    # outputs, exports and compile graphs are exactly the original's.
+    if self.training:
+        return self._regsurgery_patch.train_forward(self, *args, **kwargs)
+    return type(self).forward(self, *args, **kwargs)
+
+
+def _make_module(op: PlannedOp) -> nn.Module:
+    from . import ops
+
+    params = dict(op.params)
+    p = check_rate(f"p of {op.kind} at {op.scope or '<root>'}:{op.anchor}", params.get("p", 0.0))
+    if op.kind == "drop_path":
+        return ops.DropPath(p, mode=params.get("mode", "row"), scale_by_keep=params.get("scale_by_keep", True))
+    if op.kind == "drop_block":
+        cls = ops.DropBlock3d if params.get("dims", 2) == 3 else ops.DropBlock2d
+        return cls(p, block_size=int(params.get("block_size", 7)), per_channel=bool(params.get("per_channel", False)))
+    raise ValueError(f"cannot build a module for op kind {op.kind!r}")
+
+
+def _compile_forward(graph: fx.Graph, scope: str) -> tuple[Callable[..., Any], str]:
+    code = graph.python_code(root_module="self")
+    filename = f"<regsurgery train forward of {scope or 'root'} #{next(_counter)}>"
+    # Register the source so tracebacks and debuggers can show the generated lines.
+    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+    namespace = dict(code.globals)
+    exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - fx-generated code
+    return namespace["forward"], code.src
+
+
+def _insert_ops(graph: fx.Graph, scope: str, ops: list[tuple[str, PlannedOp]]) -> None:
+    """Insert one call_module per op, rewiring the anchor's uses (all, or one user's)."""
+    nodes = {n.name: n for n in graph.nodes}
+
+    def lookup(name: str, what: str, op: PlannedOp) -> fx.Node:
+        if name not in nodes:
+            raise PlanMismatchError(
+                f"plan op {op.kind} for scope {scope or '<root>'!r} names {what} node {name!r}, "
+                "which this model's graph does not have: the plan was made for another "
+                "architecture or version; re-plan it on this model"
+            )
+        return nodes[name]
+
+    current: dict[str, fx.Node] = {}  # anchor name -> node now carrying its value for all users
+    per_user: dict[tuple[str, str], fx.Node] = {}
+    # All-uses ops first, so a later user-specific op sees the already transformed value.
+    ordered = sorted(ops, key=lambda item: item[1].user is not None)
+    for target, op in ordered:
+        anchor = lookup(op.anchor, "anchor", op)
+        if op.user is None:
+            value = current.get(op.anchor, anchor)
+            insert_at = graph.inserting_after(value)
+            if value.op == "placeholder":
+                first_body = next(n for n in graph.nodes if n.op != "placeholder")
+                insert_at = graph.inserting_before(first_body)
+            with insert_at:
+                new = graph.call_module(target, (value,))
+            value.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+            current[op.anchor] = new
+        else:
+            user = lookup(op.user, "user", op)
+            value = per_user.get((op.anchor, op.user), current.get(op.anchor, anchor))
+            if value not in user.all_input_nodes:
+                raise PlanMismatchError(
+                    f"plan op {op.kind} for scope {scope or '<root>'!r}: node {op.user!r} does not "
+                    f"read {op.anchor!r}; re-plan it on this model"
+                )
+            with graph.inserting_before(user):
+                new = graph.call_module(target, (value,))
+            user.replace_input_with(value, new)
+            per_user[(op.anchor, op.user)] = new
+    graph.lint()
+
+
+def _root_slots(model: nn.Module) -> dict[str, tuple[str, Any]]:
+    slots = model.__dict__.get(_SLOTS)
+    if slots is None:
+        slots = {}
+        model.__dict__[_SLOTS] = slots
+    return slots
+
+
+def _set_slot_rate(model: nn.Module, op: PlannedOp) -> None:
+    name = op.params["module"]
+    attr = op.params.get("attr", "p")
+    try:
+        module = get_submodule(model, name)
+    except AttributeError:
+        raise PlanMismatchError(
+            f"plan sets the rate of {name!r}, which this model does not have; re-plan it on this model"
+        ) from None
+    if not hasattr(module, attr):
+        raise PlanMismatchError(f"module {name!r} ({type(module).__name__}) has no rate attribute {attr!r}")
+    p = check_rate(f"p of the existing slot {name}", op.params.get("p", 0.0))
+    _root_slots(model).setdefault(name, (attr, getattr(module, attr)))
+    setattr(module, attr, p)
+    if "mode" in op.params and hasattr(module, "mode") and isinstance(module.mode, str):
+        _root_slots(model).setdefault(name + "#mode", ("mode", module.mode))
+        module.mode = op.params["mode"]
+
+
+def _prepare_block(model: nn.Module, scope: str, new_ops: list[PlannedOp]) -> tuple[nn.Module, _PatchState]:
+    """Trace a block and build its new patch state (nothing is installed yet)."""
+    try:
+        block = get_submodule(model, scope)
+    except AttributeError:
+        raise PlanMismatchError(
+            f"plan names scope {scope!r}, which this model does not have; re-plan it on this model"
+        ) from None
+    old: Optional[_PatchState] = block.__dict__.get(_STATE)
+    merged = {op.key: op for op in (old.ops if old else [])}
+    merged.update({op.key: op for op in new_ops})
+    ops = list(merged.values())
+    modules: dict[tuple, nn.Module] = {}
+    named: list[tuple[str, PlannedOp]] = []
+    counts = {"drop_path": 0, "drop_block": 0}
+    for op in ops:
+        module = old.modules.get(op.key) if old else None
+        if module is not None:
+            module.p = check_rate(f"p of {op.kind} at {scope or '<root>'}:{op.anchor}", op.params.get("p", 0.0))
+        else:
+            module = _make_module(op)
+        modules[op.key] = module
+        short = "dp" if op.kind == "drop_path" else "db"
+        named.append((f"{CONTAINER}.{short}{counts[op.kind]}", op))
+        counts[op.kind] += 1
+    policy = ops[0].params.get("trace_policy") if ops else None
+    traced = trace_block(block, scope, policy=policy)
+    _insert_ops(traced.graph, scope, named)
+    train_forward, source = _compile_forward(traced.graph, scope)
+    return block, _PatchState(ops=ops, modules=modules, train_forward=train_forward, source=source)
+
+
+def _install(block: nn.Module, state: _PatchState) -> None:
+    container = nn.ModuleDict()
+    counts = {"drop_path": 0, "drop_block": 0}
+    for op in state.ops:
+        short = "dp" if op.kind == "drop_path" else "db"
+        container[f"{short}{counts[op.kind]}"] = state.modules[op.key]
+        counts[op.kind] += 1
+    container.train(block.training)
+    if CONTAINER in block._modules or hasattr(type(block), CONTAINER):
+        if block.__dict__.get(_STATE) is None:
+            raise ValueError(
+                f"{type(block).__name__} already has an attribute {CONTAINER!r}; regsurgery cannot patch it"
+            )
+    block._modules[CONTAINER] = container
+    block.__dict__[_STATE] = state
+    block.__dict__["forward"] = types.MethodType(_patched_forward, block)
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Apply ``plan`` to ``model`` in place and return it.
+
+    Every block is traced and rewritten before anything is installed, so a plan that does not fit
+    the model (:class:`PlanMismatchError`) leaves the model untouched. Applying a plan to an
+    already patched model merges: an op at the same place replaces the old one (its module object
+    is kept, so schedules holding it stay valid), new ops are added.
+    """
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a regsurgery.Plan, got {type(plan).__name__}")
+    by_scope: dict[str, list[PlannedOp]] = {}
+    slot_ops: list[PlannedOp] = []
+    for op in plan.ops:
+        if op.kind == "set_rate":
+            slot_ops.append(op)
+        else:
+            by_scope.setdefault(op.scope, []).append(op)
+    prepared = [_prepare_block(model, scope, ops) for scope, ops in by_scope.items()]
+    for op in slot_ops:  # validate before mutating
+        get_submodule(model, op.params["module"]) if op.params.get("module") else None
+    for block, state in prepared:
+        _install(block, state)
+    for op in slot_ops:
+        _set_slot_rate(model, op)
+    return model
+
+
+def strip(model: nn.Module) -> nn.Module:
+    """Remove everything regsurgery inserted, in place; return the model.
+
+    Afterwards the model has its original forwards, submodules and existing-slot rates: it
+    computes exactly what it did before patching, with the same ``state_dict``.
+    """
+    for module in model.modules():
+        if module.__dict__.pop(_STATE, None) is not None:
+            module.__dict__.pop("forward", None)
+            module._modules.pop(CONTAINER, None)
+    slots = model.__dict__.pop(_SLOTS, None) or {}
+    for key, (attr, value) in slots.items():
+        name = key.split("#", 1)[0]
+        setattr(get_submodule(model, name), attr, value)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Does ``model`` hold any regsurgery insertion or changed slot?"""
+    return bool(model.__dict__.get(_SLOTS)) or any(_STATE in m.__dict__ for m in model.modules())
+
+
+def patched_scopes(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if _STATE in m.__dict__]
+
+
+def inserted_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> module for every regularizer regsurgery inserted."""
+    found = {}
+    for name, m in model.named_modules():
+        state: Optional[_PatchState] = m.__dict__.get(_STATE)
+        if state is None:
+            continue
+        for child_name, child in m._modules[CONTAINER].named_children():
+            found[f"{name}.{CONTAINER}.{child_name}" if name else f"{CONTAINER}.{child_name}"] = child
+    return found
+
+
+def plan_of(model: nn.Module) -> Plan:
+    """The plan currently applied to ``model`` (inserted ops and changed slots)."""
+    ops: list[PlannedOp] = []
+    for m in model.modules():
+        state: Optional[_PatchState] = m.__dict__.get(_STATE)
+        if state is not None:
+            for op in state.ops:
+                op.params["p"] = float(state.modules[op.key].p)
+                ops.append(op)
+    for key, (attr, _orig) in (model.__dict__.get(_SLOTS) or {}).items():
+        if "#" in key:
+            continue
+        ops.append(PlannedOp(kind="set_rate", scope="", params={
+            "module": key, "attr": attr, "p": float(getattr(get_submodule(model, key), attr))}))
+    return Plan(ops=ops)

@@ -1,0 +1,274 @@
+"""The public surgeries: analyse -> plan -> rewrite, for DropPath and DropBlock."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import torch.fx as fx
+from torch import nn
+
+from .analysis import ResidualSite, residual_report
+from .plan import Plan, PlannedOp, ScheduleFn, check_rate, depth_rates, scope_selected
+from .rewrite import apply_plan
+from .tracing import get_submodule, module_of, trace_block
+
+__all__ = [
+    "plan_stochastic_depth",
+    "apply_stochastic_depth",
+    "plan_dropblock",
+    "apply_dropblock",
+    "NoSitesError",
+]
+
+Patterns = Union[None, str, Sequence[str]]
+DROP_PATH_MODES = ("row", "batch")
+DROPBLOCK_WHERE = ("branch", "skip")
+
+
+class NoSitesError(ValueError):
+    """The model has no place where the requested regularizer can go."""
+
+
+def _schedule_name(schedule: Union[str, ScheduleFn]) -> str:
+    return schedule if isinstance(schedule, str) else getattr(schedule, "__name__", repr(schedule))
+
+
+def plan_stochastic_depth(
+    model: nn.Module,
+    rate: float = 0.1,
+    schedule: Union[str, ScheduleFn] = "linear",
+    mode: str = "row",
+    include: Patterns = None,
+    exclude: Patterns = None,
+    *,
+    sites: Optional[list[ResidualSite]] = None,
+) -> Plan:
+    """Plan one DropPath per residual call site, rates by depth (see :func:`apply_stochastic_depth`).
+
+    Sites whose branch already ends in a DropPath / StochasticDepth module get a ``set_rate`` op on
+    that module instead of a second regularizer.
+    """
+    rate = check_rate("rate", rate)
+    if mode not in DROP_PATH_MODES:
+        raise ValueError(f"mode must be one of {DROP_PATH_MODES}, got {mode!r}")
+    report = residual_report(model) if sites is None else None
+    all_sites = sites if sites is not None else report.sites
+    if not all_sites:
+        why = ""
+        if report is not None and report.skipped:
+            why = f" ({len(report.skipped)} modules could not be traced: " + ", ".join(
+                f"{f.scope or '<root>'}" for f in report.skipped[:5]) + ")"
+        raise NoSitesError(
+            f"no residual sites found in {type(model).__name__}{why}: stochastic depth needs residual "
+            "adds (out = x + f(x)); check find_residual_sites(model) or use another regularizer"
+        )
+    num_depths = max(s.depth for s in all_sites) + 1
+    rates = depth_rates(num_depths, rate, schedule)
+    ops: list[PlannedOp] = []
+    slots_seen: set[str] = set()
+    selected = 0
+    for site in all_sites:
+        if not scope_selected(site.scope, include, exclude):
+            continue
+        selected += 1
+        p = rates[site.depth]
+        if site.existing:
+            if site.existing in slots_seen:
+                continue  # one module called by two sites of the same block (Mixer): one rate
+            slots_seen.add(site.existing)
+            ops.append(PlannedOp(
+                kind="set_rate", scope=site.scope, depth=site.depth, site=site.index, role="branch",
+                params={"module": site.existing, "attr": site.existing_attr or "p", "p": p, "mode": mode},
+            ))
+        else:
+            ops.append(PlannedOp(
+                kind="drop_path", scope=site.scope, anchor=site.branch, user=site.add, role="branch",
+                depth=site.depth, site=site.index,
+                params={"p": p, "mode": mode, "trace_policy": site.trace_policy},
+            ))
+    if selected == 0:
+        raise NoSitesError(
+            f"include={include!r} / exclude={exclude!r} select none of the {len(all_sites)} residual "
+            f"sites (scopes such as {all_sites[0].scope!r}); fix the patterns"
+        )
+    meta: dict[str, Any] = {
+        "drop_path": {"rate": rate, "schedule": _schedule_name(schedule), "mode": mode,
+                      "include": include, "exclude": exclude, "sites": selected,
+                      "existing_slots": sorted(slots_seen)},
+    }
+    if report is not None and report.skipped:
+        meta["untraced"] = [vars(f) for f in report.skipped]
+    return Plan(ops=ops, meta=meta)
+
+
+def _maybe_copy(model: nn.Module, inplace: bool) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model if inplace else copy.deepcopy(model)
+
+
+def apply_stochastic_depth(
+    model: nn.Module,
+    rate: float = 0.1,
+    schedule: Union[str, ScheduleFn] = "linear",
+    mode: str = "row",
+    include: Patterns = None,
+    exclude: Patterns = None,
+    *,
+    inplace: bool = True,
+) -> nn.Module:
+    """Give ``model`` stochastic depth (Huang et al., ECCV 2016): ``out = s + m * f(x) / (1-p)``.
+
+    One :class:`regsurgery.DropPath` is inserted per residual call site found by
+    :func:`regsurgery.find_residual_sites`. ``schedule="linear"`` gives the block at depth ``d``
+    of ``D`` the rate ``rate * d / (D - 1)`` (the deepest gets ``rate``, as timm does);
+    ``"uniform"`` gives every block ``rate``; a callable ``(depth, num_depths, rate) -> p`` any
+    other rule. Both residuals of one block share a depth. ``include`` / ``exclude`` filter
+    sites by scope pattern (``"layer3.*"``).
+
+    Mutation: with ``inplace=True`` (the default) ``model`` itself is patched and returned — its
+    class, methods, attributes and ``state_dict`` keys are unchanged; with ``inplace=False`` a deep
+    copy is patched and ``model`` is left as it was. Eval-mode outputs are bitwise the original's.
+    Existing DropPath / StochasticDepth modules are reused (their rate is set; a warning says so),
+    never doubled. :func:`regsurgery.strip` undoes everything.
+    """
+    plan = plan_stochastic_depth(model, rate, schedule, mode, include, exclude)
+    model = _maybe_copy(model, inplace)
+    existing = plan.meta["drop_path"]["existing_slots"]
+    if existing:
+        warnings.warn(
+            f"{type(model).__name__} already has {len(existing)} DropPath/StochasticDepth modules "
+            f"(e.g. {existing[0]!r}): their rates were set instead of inserting new ones",
+            stacklevel=2,
+        )
+    return apply_plan(model, plan)
+
+
+# ----------------------------------------------------------------------------- DropBlock
+
+
+def _is_conv_node(node: fx.Node, block: nn.Module) -> bool:
+    m = module_of(node, block)
+    if m is None:
+        return False
+    if isinstance(m, nn.Conv2d):
+        return True
+    # A conv+norm(+act) composite (timm ConvNormAct, torchvision Conv2dNormActivation).
+    return any(isinstance(c, nn.Conv2d) for c in m.modules()) and not any(
+        isinstance(c, (nn.Linear, nn.MultiheadAttention)) for c in m.modules()
+    ) and sum(isinstance(c, nn.Conv2d) for c in m.modules()) == 1
+
+
+def _after_conv_anchor(node: fx.Node, block: nn.Module) -> fx.Node:
+    """A conv's output, or the norm right after it when the conv feeds only that norm."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_module":
+        m = module_of(users[0], block)
+        if m is not None and isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+            return users[0]
+    return node
+
+
+def _branch_conv_anchors(block: nn.Module, scope: str, site: ResidualSite) -> list[str]:
+    graph = trace_block(block, scope, policy=site.trace_policy).graph
+    body = set(site.branch_nodes)
+    anchors = []
+    for node in graph.nodes:
+        if node.name in body and _is_conv_node(node, block):
+            anchors.append(_after_conv_anchor(node, block).name)
+    return list(dict.fromkeys(anchors))
+
+
+def plan_dropblock(
+    model: nn.Module,
+    rate: float = 0.1,
+    block_size: int = 7,
+    stages: Sequence[int] = (-2, -1),
+    where: Sequence[str] = ("branch", "skip"),
+    example_inputs: Optional[Any] = None,
+    per_channel: bool = False,
+) -> Plan:
+    """Plan DropBlock (Ghiasi et al., NeurIPS 2018) in the chosen conv stages.
+
+    In every residual site of the chosen stages: after each conv layer of the branch (after its
+    norm when the conv feeds one) for ``"branch"``, and on the shortcut operand of the add for
+    ``"skip"`` — the placement the paper found best. ``stages`` are 1-based stage indices of
+    :func:`regsurgery.find_conv_stages` or negative ones counted from the last stage. The block
+    size is clipped per site to the stage's map size.
+    """
+    from .stages import find_conv_stages
+
+    rate = check_rate("rate", rate)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+    where = (where,) if isinstance(where, str) else tuple(where)
+    bad = [w for w in where if w not in DROPBLOCK_WHERE]
+    if bad or not where:
+        raise ValueError(f"where must be a non-empty subset of {DROPBLOCK_WHERE}, got {where!r}")
+    found = find_conv_stages(model, example_inputs)
+    if not found:
+        raise NoSitesError(
+            f"{type(model).__name__} has no conv stages (4-D NCHW feature maps) for DropBlock"
+        )
+    chosen = []
+    for s in stages:
+        if isinstance(s, bool) or not isinstance(s, int) or s == 0 or not -len(found) <= s <= len(found):
+            raise ValueError(
+                f"stages must hold 1-based stage indices or negative ones from the end, in "
+                f"[-{len(found)}, {len(found)}] without 0 (the model has {len(found)} stages), got {s!r}"
+            )
+        chosen.append(found[s - 1] if s > 0 else found[s])
+    ops: list[PlannedOp] = []
+    for stage in chosen:
+        if getattr(stage, "layout", "NCHW") != "NCHW":
+            continue
+        h, w = stage.size
+        bs = max(1, min(block_size, h, w))
+        params = {"p": rate, "block_size": bs, "per_channel": per_channel, "dims": 2}
+        for site in stage.sites:
+            block = get_submodule(model, site.scope)
+            common = dict(kind="drop_block", scope=site.scope, depth=site.depth, site=site.index)
+            if "branch" in where:
+                for anchor in _branch_conv_anchors(block, site.scope, site):
+                    ops.append(PlannedOp(anchor=anchor, user=None, role="conv",
+                                         params={**params, "trace_policy": site.trace_policy}, **common))
+            if "skip" in where:
+                ops.append(PlannedOp(anchor=site.shortcut, user=site.add, role="skip",
+                                     params={**params, "trace_policy": site.trace_policy}, **common))
+    if not ops:
+        raise NoSitesError(
+            f"the chosen stages {tuple(stages)} of {type(model).__name__} hold no residual site with "
+            "an NCHW feature map; check find_conv_stages(model)"
+        )
+    meta = {"drop_block": {"rate": rate, "block_size": block_size, "stages": list(stages),
+                           "where": list(where), "per_channel": per_channel,
+                           "stage_index": [s.index for s in chosen]}}
+    return Plan(ops=ops, meta=meta)
+
+
+def apply_dropblock(
+    model: nn.Module,
+    rate: float = 0.1,
+    block_size: int = 7,
+    stages: Sequence[int] = (-2, -1),
+    where: Sequence[str] = ("branch", "skip"),
+    example_inputs: Optional[Any] = None,
+    *,
+    per_channel: bool = False,
+    inplace: bool = True,
+) -> nn.Module:
+    """Insert :class:`regsurgery.DropBlock2d` into the last conv stages of ``model``.
+
+    The defaults follow the paper's best ResNet-50 setting: block size 7, groups 3 and 4 (the last
+    two stages), after the conv layers of the residual branches and on the skip connections.
+    Ramp the rate during training with :class:`regsurgery.RateSchedule`. Same guarantees as
+    :func:`apply_stochastic_depth` (class, methods, ``state_dict`` and eval output unchanged;
+    ``inplace`` chooses mutation or a patched copy); the two compose in either order, and
+    :func:`regsurgery.strip` removes both.
+    """
+    plan = plan_dropblock(model, rate, block_size, stages, where, example_inputs, per_channel)
+    model = _maybe_copy(model, inplace)
+    return apply_plan(model, plan)
