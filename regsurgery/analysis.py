@@ -218,7 +218,9 @@ class _Dataflow:
     def __init__(self, graph: fx.Graph) -> None:
         self.ancestors: dict[fx.Node, frozenset[fx.Node]] = {}
         self.from_value: dict[fx.Node, bool] = {}
+        self.order: dict[fx.Node, int] = {}
         for n in graph.nodes:
+            self.order[n] = len(self.order)
             inputs = tensor_inputs(n)
             anc: set[fx.Node] = set(inputs)
             for i in inputs:
@@ -228,8 +230,9 @@ class _Dataflow:
             self.from_value[n] = n.op == "placeholder" or any(self.from_value[i] for i in inputs)
 
     def between(self, source: fx.Node, target: fx.Node) -> list[fx.Node]:
-        """Nodes on some path source -> target, excluding source, including target."""
-        return [n for n in self.ancestors[target] if source in self.ancestors[n]] + [target]
+        """Nodes on some path source -> target in graph order, excluding source, including target."""
+        inner = [n for n in self.ancestors[target] if source in self.ancestors[n]]
+        return sorted(inner, key=self.order.__getitem__) + [target]
 
 
 def _projection_chain(
@@ -280,6 +283,17 @@ def _existing_slot(branch: fx.Node, root: nn.Module, scope: str) -> tuple[Option
     return None, None
 
 
+def _longest_chain(source: fx.Node, body: list[fx.Node], costs: list[_NodeCost]) -> float:
+    """Weighted layers on the deepest path source -> branch: sequential depth, so that parallel
+    single-layer branches summed together (RepVGG) do not add up to a deep branch."""
+    cost = dict(zip(body, costs))
+    depth: dict[fx.Node, float] = {source: 0.0}
+    for n in body:
+        prior = [depth[i] for i in tensor_inputs(n) if i in depth]
+        depth[n] = (max(prior) if prior else 0.0) + cost[n].weight
+    return depth[body[-1]]
+
+
 def _classify_add(
     add: fx.Node, a: fx.Node, b: fx.Node, flow: _Dataflow, root: nn.Module
 ) -> Optional[dict[str, Any]]:
@@ -299,7 +313,7 @@ def _classify_add(
             kind = "projection"
         body = flow.between(source, branch)
         costs = [_node_cost(n, root) for n in body]
-        weight = sum(c.weight for c in costs)
+        weight = _longest_chain(source, body, costs)
         norm = any(c.norm for c in costs)
         if any(c.upsample for c in costs):
             continue  # FPN-style top-down merge

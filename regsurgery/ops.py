@@ -165,13 +165,15 @@ def _traced_gamma(
     c = torch.tensor([h[0] for h in hist], dtype=torch.float32, device=device)
     w = torch.tensor([h[1] for h in hist], dtype=torch.float32, device=device)
     mean_cov = sum(h[0] * h[1] for h in hist)
+    # ``p`` only ever enters as ``tensor + python_scalar``: ``torch.full((), p)`` or
+    # ``p - tensor`` would make torch.compile specialize on its value.
+    keep = 1.0 - p
     gamma = torch.zeros((), dtype=torch.float32, device=device) + p / mean_cov
     for _ in range(_TRACED_NEWTON_STEPS):
-        q = 1.0 - gamma
-        qc1 = q ** (c - 1.0)
-        f = 1.0 - (w * q * qc1).sum()
+        qc1 = (1.0 - gamma) ** (c - 1.0)
+        survive = (w * (1.0 - gamma) * qc1).sum()  # 1 - f(gamma)
         df = (w * c * qc1).sum()
-        gamma = (gamma + (p - f) / df).clamp(0.0, 1.0)
+        gamma = (gamma + (survive - keep) / df).clamp(0.0, 1.0)
     return gamma
 
 

@@ -1,0 +1,700 @@
+"""Conv stages: feature maps grouped by spatial reduction, found by running the model once.
+
+DropBlock (Ghiasi, Lin, Le, NeurIPS 2018, arXiv 1810.12890) is applied per *stage*: the paper
+puts it in ResNet-50's groups 3 and 4, the maps at stride 16 and 32 (14x14 and 7x7 at 224 px),
+and the block size is limited by the map size. A stage here is the set of 4-D feature maps with
+one spatial reduction ``r`` relative to the input::
+
+    r = H_in / h = W_in / w          (stride 2, 4, 8, 16, 32, ...)
+
+Shapes come from forward hooks on every module during one eval-mode, no-grad forward on an
+example input (:func:`record_module_shapes`). A module's output decides its stage, so a
+stride-2 block belongs to the stage it produces, not the one it reads; this is also where its
+residual add happens.
+
+Layout decision for a 4-D output ``(N, d1, d2, d3)`` of an input ``(N, C, H, W)``:
+
+* when a second forward on the input upsampled 2x succeeds (most CNNs), the dims that change
+  are the spatial ones: ``d2, d3`` -> NCHW, ``d1, d2`` -> channels-last NHWC (ConvNeXt's and
+  Swin's permuted blocks), none -> a fixed-size map (global pooling, squeeze-excite ``1x1``,
+  ``AdaptiveAvgPool2d((7, 7))``), which is not a stage map. ``r`` is then also correct for
+  valid-padding nets (Inception: ``r = dH_in / dh``);
+* when the model only accepts one input size (ViT, Swin), shapes alone decide: NCHW if
+  ``(d2, d3)`` give one integer reduction, NHWC if only ``(d1, d2)`` do, NCHW if both do (the
+  map is then reported as ambiguous), and ``1x1`` maps are taken as globally pooled.
+
+3-D outputs ``(N, L, C)`` are token sequences (ViT, Swin attention): not conv stages, reported
+in :class:`FeatureLayout`, never guessed into a stage. Outputs whose batch dim differs from
+the input's (Swin windows, attention heads) are reported as ``other``.
+
+Stages are all distinct reductions, ordered by the first map produced at each. The stem's
+stride-2 maps form a stage of their own, as in timm's ``feature_info`` (``act1`` at reduction 2
+for ResNet), so stage ``k`` is timm's ``feature_info[k - 1]`` on every timm CNN checked in the
+tests; a stride-1 stem (CIFAR nets) gives a stage with reduction 1. Maps of a decoder (U-Net,
+FPN) join the encoder stage of the same reduction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ModuleCall",
+    "FeatureMap",
+    "ConvStage",
+    "FeatureLayout",
+    "infer_example_input",
+    "record_module_shapes",
+    "describe_feature_layout",
+    "find_conv_stages",
+]
+
+#: Side of the example input when only the first conv's in_channels is known.
+DEFAULT_IMAGE_SIZE = 224
+#: Prefix tokens (class, register, distillation tokens) allowed when guessing a token grid.
+_MAX_PREFIX_TOKENS = 16
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass
+class ModuleCall:
+    """One call of one module during the recording forward, in the order outputs were produced.
+
+    ``call_index`` counts calls of the same module (a ReLU reused three times per torchvision
+    Bottleneck has calls 0, 1, 2). Shapes are those of the first tensor argument and the first
+    tensor of the output (depth-first through tuples, lists and dicts); None when there is none.
+    ``start`` numbers calls in the order they began; ``parent`` is the ``start`` of the call
+    that was running when this one began (None for the outermost call).
+    """
+
+    name: str
+    type_name: str
+    call_index: int
+    input_shape: Optional[tuple[int, ...]]
+    output_shape: Optional[tuple[int, ...]]
+    start: int = 0
+    parent: Optional[int] = None
+
+
+@dataclass
+class FeatureMap:
+    """How one module call's output was classified.
+
+    kind: ``"map"`` (a spatial 4-D map; ``layout`` NCHW or NHWC), ``"tokens"`` (3-D sequence),
+    ``"fixed"`` (4-D but its size does not follow the input: pooled), ``"other"``.
+    ``reduction``/``size``/``channels`` are set for maps (and ``reduction`` for tokens when a
+    token grid ``(H/r) * (W/r)`` plus ``prefix`` tokens matches the length).
+    """
+
+    name: str
+    type_name: str
+    call_index: int
+    shape: tuple[int, ...]
+    kind: str
+    layout: Optional[str] = None
+    reduction: Optional[int] = None
+    size: Optional[tuple[int, int]] = None
+    channels: Optional[int] = None
+    prefix: Optional[int] = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["shape"] = list(self.shape)
+        if self.size is not None:
+            d["size"] = list(self.size)
+        return d
+
+
+@dataclass
+class ConvStage:
+    """The feature maps of one spatial reduction.
+
+    index:     1-based, in the order the first map of each reduction is produced.
+    reduction: input size / map size (the stride of the stage).
+    channels:  channels of the stage's last map (its output); ``widths`` lists every channel
+               count seen in the stage, in order.
+    size:      ``(h, w)`` of the stage's last map at the example input.
+    layout:    ``"NCHW"``, ``"NHWC"`` (every map channels-last: Swin) or ``"mixed"`` (NCHW
+               blocks with channels-last internals: ConvNeXt); ``channels_last`` names the
+               scopes whose maps here are NHWC. DropBlock2d expects NCHW.
+    scopes:    qualified names of the modules (not the root) whose output is a map of this
+               stage, in the order outputs were produced; a module called at two reductions
+               (a reused ReLU in a stride-2 block) is in both stages.
+    sites:     residual sites (:class:`regsurgery.analysis.ResidualSite`) whose scope
+               module's first output is a map of this stage.
+    """
+
+    index: int
+    reduction: int
+    channels: int
+    size: tuple[int, int]
+    layout: str
+    scopes: list[str] = field(default_factory=list)
+    sites: list[Any] = field(default_factory=list)
+    channels_last: list[str] = field(default_factory=list)
+    widths: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "reduction": self.reduction,
+            "channels": self.channels,
+            "size": list(self.size),
+            "layout": self.layout,
+            "scopes": list(self.scopes),
+            "sites": [_site_summary(s) for s in self.sites],
+            "channels_last": list(self.channels_last),
+            "widths": list(self.widths),
+        }
+
+
+def _site_summary(site: Any) -> dict[str, Any]:
+    return {k: getattr(site, k, None) for k in ("index", "scope", "depth", "kind")}
+
+
+@dataclass
+class FeatureLayout:
+    """Everything shape recording found: the conv stages and what is not a conv stage.
+
+    ``two_sizes`` tells whether a second forward at twice the input size confirmed which dims
+    are spatial; when False, ``notes`` says why and the layout rests on one shape per output.
+    """
+
+    input_shape: tuple[int, ...]
+    stages: list[ConvStage]
+    maps: list[FeatureMap]
+    two_sizes: bool
+    notes: list[str] = field(default_factory=list)
+    sites_outside: list[Any] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[FeatureMap]:
+        """Token-sequence outputs (3-D): ViT blocks, Swin window attention."""
+        return [m for m in self.maps if m.kind == "tokens"]
+
+    @property
+    def channels_last(self) -> list[FeatureMap]:
+        """Channels-last (NHWC) maps: Swin stages, ConvNeXt block internals."""
+        return [m for m in self.maps if m.kind == "map" and m.layout == "NHWC"]
+
+    @property
+    def fixed(self) -> list[FeatureMap]:
+        """4-D outputs whose size does not follow the input (pooled)."""
+        return [m for m in self.maps if m.kind == "fixed"]
+
+    @property
+    def ambiguous(self) -> list[FeatureMap]:
+        """Maps that fit both NCHW and NHWC on one input size (taken as NCHW)."""
+        return [m for m in self.maps if "ambiguous" in m.note]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_shape": list(self.input_shape),
+            "two_sizes": self.two_sizes,
+            "stages": [s.to_dict() for s in self.stages],
+            "tokens": [m.to_dict() for m in self.tokens],
+            "channels_last": [m.to_dict() for m in self.channels_last],
+            "fixed": [m.to_dict() for m in self.fixed],
+            "ambiguous": [m.to_dict() for m in self.ambiguous],
+            "sites_outside": [_site_summary(s) for s in self.sites_outside],
+            "notes": list(self.notes),
+        }
+
+    def summary(self) -> str:
+        """A short human-readable table (for ``regsurgery inspect``)."""
+        lines = [f"input {tuple(self.input_shape)}"]
+        for s in self.stages:
+            lines.append(
+                f"stage {s.index}: reduction {s.reduction}, {s.channels} ch, {s.size[0]}x{s.size[1]}, "
+                f"{s.layout}, {len(s.scopes)} modules, {len(s.sites)} residual sites"
+            )
+        if not self.stages:
+            lines.append("no conv stages")
+        tokens = self.tokens
+        if tokens:
+            lines.append(f"token sequences: {len(tokens)} outputs, e.g. {tokens[0].name} {tokens[0].shape}")
+        nhwc = self.channels_last
+        if nhwc:
+            lines.append(f"channels-last maps: {len(nhwc)} outputs, e.g. {nhwc[0].name} {nhwc[0].shape}")
+        if self.sites_outside:
+            lines.append(f"residual sites outside conv stages: {len(self.sites_outside)}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- example input
+
+
+def _as_args(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(
+        f"example_inputs must be a Tensor or a tuple of forward arguments, got "
+        f"{type(example_inputs).__name__}"
+    )
+
+
+def _first_tensor(obj: Any, depth: int = 0) -> Optional[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if depth > 4:
+        return None
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        for item in obj:
+            t = _first_tensor(item, depth + 1)
+            if t is not None:
+                return t
+    return None
+
+
+def _pair(value: Any) -> Optional[tuple[int, int]]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value > 0:
+        return (value, value)
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        return (int(value[0]), int(value[1]))
+    return None
+
+
+def _first_conv2d(model: nn.Module) -> Optional[nn.Conv2d]:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and not isinstance(m, nn.modules.lazy.LazyModuleMixin):
+            return m
+    return None
+
+
+def _declared_input(model: nn.Module) -> tuple[Optional[tuple[int, int, int]], str]:
+    """(C, H, W) the model declares, and where that came from; (None, reason) if nothing."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    chw: Optional[tuple[int, int, int]] = None
+    source = ""
+    if isinstance(cfg, Mapping):
+        size = cfg.get("input_size")
+        if (
+            isinstance(size, (tuple, list))
+            and len(size) == 3
+            and all(isinstance(v, int) and v > 0 for v in size)
+        ):
+            chw = (int(size[0]), int(size[1]), int(size[2]))
+            source = "pretrained_cfg['input_size']"
+    conv = _first_conv2d(model)
+    # A model built with another image size (timm's img_size=, torchvision's image_size) keeps
+    # the pretrained cfg of the default one; the size its patch embedding was built for wins.
+    for name, m in model.named_modules():
+        hw = _pair(getattr(m, "img_size", None)) or _pair(getattr(m, "image_size", None))
+        if hw is None:
+            continue
+        channels = chw[0] if chw else (conv.in_channels if conv is not None else None)
+        if channels is None:
+            break
+        if chw is None or (chw[1], chw[2]) != hw:
+            chw = (channels, hw[0], hw[1])
+            source = f"the img_size of {name or type(model).__name__}"
+        break
+    if chw is None and conv is not None:
+        chw = (conv.in_channels, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+        source = f"the first Conv2d's in_channels at {DEFAULT_IMAGE_SIZE} px"
+    if chw is None:
+        return None, (
+            "it has no timm pretrained_cfg/default_cfg input_size, no img_size and no nn.Conv2d"
+        )
+    return chw, source
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def infer_example_input(model: nn.Module) -> torch.Tensor:
+    """A ``(1, C, H, W)`` input for ``model``: timm's ``pretrained_cfg``/``default_cfg``
+    ``input_size`` (or the ``img_size`` a patch embedding was built for), else the first
+    ``nn.Conv2d``'s ``in_channels`` at 224 px; a ValueError asking for ``example_inputs``
+    otherwise. Values are standard normal from a private generator (the global RNG is untouched),
+    on the device and dtype of the model's first floating parameter."""
+    chw, source = _declared_input(model)
+    if chw is None:
+        raise ValueError(
+            f"cannot infer an example input for {type(model).__name__}: {source}; pass "
+            "example_inputs, e.g. example_inputs=torch.randn(1, 3, 224, 224)"
+        )
+    device, dtype = _device_dtype(model)
+    g = torch.Generator().manual_seed(0)
+    return torch.randn((1, *chw), generator=g).to(device=device, dtype=dtype)
+
+
+def _describe_args(args: Sequence[Any]) -> str:
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append(f"Tensor{tuple(a.shape)}")
+        else:
+            parts.append(type(a).__name__)
+    return "(" + ", ".join(parts) + ")"
+
+
+def _expected_hint(model: nn.Module) -> str:
+    chw, source = _declared_input(model)
+    if chw is None:
+        return "pass example_inputs the model's forward accepts"
+    return f"it expects e.g. a tensor of shape {(1, *chw)} ({source})"
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+def _shape(t: Optional[torch.Tensor]) -> Optional[tuple[int, ...]]:
+    return None if t is None else tuple(int(s) for s in t.shape)
+
+
+def _run_recorded(model: nn.Module, args: tuple[Any, ...]) -> list[ModuleCall]:
+    """One eval-mode no-grad forward with hooks on every module; raises what forward raises."""
+    calls: list[ModuleCall] = []
+    counts: dict[str, int] = {}
+    stack: list[int] = []  # start ids of the calls running now, outermost first
+    started = [0]
+
+    def pre_hook(module: nn.Module, h_args: Any) -> None:
+        stack.append(started[0])
+        started[0] += 1
+
+    def make_hook(name: str) -> Any:
+        def hook(module: nn.Module, h_args: Any, h_kwargs: Any, output: Any) -> None:
+            start = stack.pop()
+            k = counts.get(name, 0)
+            counts[name] = k + 1
+            calls.append(
+                ModuleCall(
+                    name=name,
+                    type_name=type(module).__name__,
+                    call_index=k,
+                    input_shape=_shape(_first_tensor((h_args, h_kwargs))),
+                    output_shape=_shape(_first_tensor(output)),
+                    start=start,
+                    parent=stack[-1] if stack else None,
+                )
+            )
+
+        return hook
+
+    # Each module's own flag is restored: a model in train mode with frozen (eval) BNs stays so.
+    flags = [(m, m.training) for m in model.modules()]
+    handles = []
+    try:
+        # named_modules() yields a module registered under two names once, under its first name.
+        for name, m in model.named_modules():
+            handles.append(m.register_forward_pre_hook(pre_hook))
+            handles.append(m.register_forward_hook(make_hook(name), with_kwargs=True))
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags:
+            m.training = flag
+    return calls
+
+
+def record_module_shapes(model: nn.Module, example_inputs: Any = None) -> list[ModuleCall]:
+    """Run one forward (eval mode, no grad) and record every module call's shapes.
+
+    ``example_inputs`` is a Tensor or a tuple of forward arguments; None infers one
+    (:func:`infer_example_input`). Calls are listed in the order their outputs were produced.
+    The model's training flags are restored and the hooks removed, also on error; a forward
+    that fails on the example input is a ValueError naming the input and the expected one.
+    """
+    inferred = example_inputs is None
+    args = (infer_example_input(model),) if inferred else _as_args(example_inputs)
+    try:
+        return _run_recorded(model, args)
+    except Exception as exc:
+        what = "the inferred example input" if inferred else "example_inputs"
+        raise ValueError(
+            f"{type(model).__name__} failed on {what} {_describe_args(args)} "
+            f"({type(exc).__name__}: {str(exc).strip()[:300]}); {_expected_hint(model)}"
+            + ("; pass example_inputs explicitly" if inferred else "")
+        ) from exc
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _fits(h: int, w: int, H: int, W: int, r: int) -> bool:
+    # Padded stride-r convs give ceil(H / r), valid ones floor(H / r).
+    return h in (H // r, _cdiv(H, r)) and w in (W // r, _cdiv(W, r))
+
+
+def _reduction_one_size(h: int, w: int, H: int, W: int) -> Optional[int]:
+    """The integer reduction r with h, w = H/r, W/r (floor or ceil), from one size; else None."""
+    if h < 1 or w < 1 or h > H or w > W:
+        return None
+    if H % h == 0 and W % w == 0 and H // h == W // w:
+        return H // h
+    r = 1
+    while r <= max(H, W):
+        if _fits(h, w, H, W, r):
+            return r
+        r *= 2
+    return None
+
+
+def _snap(r: float) -> int:
+    """Nearest power of two when within 15% (strides are nearly always powers of two)."""
+    p = 2 ** round(math.log2(r))
+    return int(p) if abs(r / p - 1) <= 0.15 else max(1, round(r))
+
+
+def _reduction_two_sizes(
+    hw1: tuple[int, int], hw2: tuple[int, int], in1: tuple[int, int], in2: tuple[int, int]
+) -> tuple[Optional[int], str]:
+    """Reduction from the growth of a map between two input sizes: r = d(input) / d(map)."""
+    (h1, w1), (h2, w2), (H1, W1), (H2, W2) = hw1, hw2, in1, in2
+    r = _reduction_one_size(h1, w1, H1, W1)
+    if r is not None and _fits(h2, w2, H2, W2, r):
+        return r, ""
+    dh, dw = h2 - h1, w2 - w1
+    if dh <= 0 or dw <= 0:
+        return None, "does not grow with the input"
+    rh, rw = (H2 - H1) / dh, (W2 - W1) / dw
+    if abs(math.log(rh / rw)) > math.log(1.25):
+        return None, f"height and width reductions differ ({rh:.2f} vs {rw:.2f})"
+    r_est = math.sqrt(rh * rw)
+    if r_est < 0.9:
+        return None, "larger than the input (upsampled)"
+    return _snap(r_est), f"inexact sizes, reduction {r_est:.2f} taken as {_snap(r_est)}"
+
+
+def _token_grid(length: int, H: int, W: int) -> tuple[Optional[int], Optional[int]]:
+    """(reduction, prefix tokens) with length = (H/r)*(W/r) + prefix, the fewest prefix tokens."""
+    best: tuple[Optional[int], Optional[int]] = (None, None)
+    for r in range(1, min(H, W) + 1):
+        if H % r or W % r:
+            continue
+        prefix = length - (H // r) * (W // r)
+        if 0 <= prefix <= _MAX_PREFIX_TOKENS and (best[1] is None or prefix < best[1]):
+            best = (r, prefix)
+    return best
+
+
+def _classify(
+    call: ModuleCall,
+    other: Optional[ModuleCall],
+    batch: int,
+    in1: tuple[int, int],
+    in2: Optional[tuple[int, int]],
+) -> Optional[FeatureMap]:
+    shape = call.output_shape
+    if shape is None or len(shape) not in (3, 4):
+        return None
+    fm = FeatureMap(call.name, call.type_name, call.call_index, shape, kind="other")
+    if shape[0] != batch:
+        fm.note = f"batch dim {shape[0]} is not the input's {batch} (windows or heads)"
+        return fm
+    shape2 = other.output_shape if other is not None else None
+    two = in2 is not None and shape2 is not None and len(shape2) == len(shape)
+    H, W = in1
+    if len(shape) == 3:
+        fm.kind = "tokens"
+        if two and shape2[1] == shape[1] and shape2[2] != shape[2]:
+            fm.note = "the last dim follows the input: (N, C, L) sequence"
+            return fm
+        fm.reduction, fm.prefix = _token_grid(shape[1], H, W)
+        return fm
+    d1, d2, d3 = shape[1:]
+    if two:
+        assert shape2 is not None and in2 is not None
+        changed = [i for i in (1, 2, 3) if shape2[i] != shape[i]]
+        if not changed:
+            fm.kind = "fixed"
+            fm.note = "size does not follow the input (pooled)"
+            return fm
+        if changed == [2, 3]:
+            layout, hw1, hw2, ch = "NCHW", (d2, d3), (shape2[2], shape2[3]), d1
+        elif changed == [1, 2]:
+            layout, hw1, hw2, ch = "NHWC", (d1, d2), (shape2[1], shape2[2]), d3
+        else:
+            fm.note = f"dims {changed} follow the input: neither NCHW nor NHWC"
+            return fm
+        r, note = _reduction_two_sizes(hw1, hw2, in1, in2)
+        if r is None:
+            fm.note = note
+            return fm
+        fm.kind, fm.layout, fm.reduction, fm.size, fm.channels, fm.note = (
+            "map", layout, r, hw1, ch, note
+        )
+        return fm
+    # One input size: shapes alone decide.
+    if d2 == 1 and d3 == 1 and (H > 1 or W > 1):
+        fm.kind = "fixed"
+        fm.note = "1x1 map taken as pooled (one input size only)"
+        return fm
+    r_nchw = _reduction_one_size(d2, d3, H, W)
+    r_nhwc = _reduction_one_size(d1, d2, H, W)
+    if r_nchw is not None:
+        fm.kind, fm.layout, fm.reduction, fm.size, fm.channels = "map", "NCHW", r_nchw, (d2, d3), d1
+        if r_nhwc is not None:
+            fm.note = f"ambiguous: also fits NHWC at reduction {r_nhwc}; taken as NCHW"
+    elif r_nhwc is not None:
+        fm.kind, fm.layout, fm.reduction, fm.size, fm.channels = "map", "NHWC", r_nhwc, (d1, d2), d3
+    else:
+        fm.note = "no integer reduction of the input size"
+    return fm
+
+
+def _image_arg(args: tuple[Any, ...]) -> Optional[int]:
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.dim() == 4 and a.is_floating_point():
+            return i
+    return None
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _find_sites(model: nn.Module) -> list[Any]:
+    from .analysis import find_residual_sites
+
+    return list(find_residual_sites(model))
+
+
+def describe_feature_layout(
+    model: nn.Module, example_inputs: Any = None, *, sites: Optional[Iterable[Any]] = None
+) -> FeatureLayout:
+    """Conv stages plus what is not a conv stage (token sequences, channels-last, pooled maps).
+
+    ``example_inputs``: a Tensor or tuple of forward arguments holding an image ``(N, C, H, W)``;
+    None infers one (:func:`infer_example_input`). ``sites``: residual sites to distribute over
+    the stages; None finds them with :func:`regsurgery.analysis.find_residual_sites`. The model
+    is not modified (hooks removed, training flags restored).
+    """
+    inferred = example_inputs is None
+    args = (infer_example_input(model),) if inferred else _as_args(example_inputs)
+    pos = _image_arg(args)
+    if pos is None:
+        raise ValueError(
+            f"conv stages need an image input (N, C, H, W) among the forward arguments of "
+            f"{type(model).__name__}, got {_describe_args(args)}; {_expected_hint(model)}"
+        )
+    image = args[pos]
+    batch, in1 = int(image.shape[0]), (int(image.shape[2]), int(image.shape[3]))
+    calls = record_module_shapes(model, args)
+    notes: list[str] = []
+
+    # Second forward at twice the size: which dims follow the input is then observed, not guessed.
+    in2: Optional[tuple[int, int]] = None
+    paired: dict[tuple[str, int], ModuleCall] = {}
+    big = F.interpolate(image, scale_factor=2.0, mode="nearest")
+    try:
+        calls2 = _run_recorded(model, (*args[:pos], big, *args[pos + 1 :]))
+    except Exception as exc:
+        notes.append(
+            f"the model rejects a second input size ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}); layouts "
+            "decided from one shape per output, 1x1 maps taken as pooled"
+        )
+    else:
+        in2 = (int(big.shape[2]), int(big.shape[3]))
+        paired = {(c.name, c.call_index): c for c in calls2}
+    del big
+
+    maps: list[FeatureMap] = []
+    for c in calls:
+        fm = _classify(c, paired.get((c.name, c.call_index)), batch, in1, in2)
+        if fm is not None:
+            maps.append(fm)
+    inexact = [m for m in maps if m.kind == "map" and m.note.startswith("inexact")]
+    if inexact:
+        notes.append(f"{len(inexact)} maps have sizes that are not input/r exactly (valid padding)")
+
+    stages = _group(maps)
+    sites_list = _find_sites(model) if sites is None else list(sites)
+    outside = _assign_sites(stages, maps, sites_list)
+    return FeatureLayout(
+        input_shape=tuple(int(s) for s in image.shape),
+        stages=stages,
+        maps=maps,
+        two_sizes=in2 is not None,
+        notes=notes,
+        sites_outside=outside,
+    )
+
+
+def _group(maps: list[FeatureMap]) -> list[ConvStage]:
+    by_r: dict[int, list[FeatureMap]] = {}
+    for m in maps:
+        if m.kind == "map" and m.name != "":  # the root is the whole model, not a stage module
+            assert m.reduction is not None
+            by_r.setdefault(m.reduction, []).append(m)
+    stages = []
+    for index, (r, ms) in enumerate(by_r.items(), start=1):  # dicts keep first-seen order
+        last = ms[-1]
+        assert last.size is not None and last.channels is not None
+        layouts = {m.layout for m in ms}
+        layout = layouts.pop() if len(layouts) == 1 else "mixed"
+        stages.append(
+            ConvStage(
+                index=index,
+                reduction=r,
+                channels=last.channels,
+                size=last.size,
+                layout=str(layout),
+                scopes=list(dict.fromkeys(m.name for m in ms)),
+                channels_last=list(dict.fromkeys(m.name for m in ms if m.layout == "NHWC")),
+                widths=tuple(dict.fromkeys(int(m.channels) for m in ms if m.channels is not None)),
+            )
+        )
+    return stages
+
+
+def _assign_sites(stages: list[ConvStage], maps: list[FeatureMap], sites: list[Any]) -> list[Any]:
+    """Put each site in the stage of its scope module's first output; return the rest."""
+    first: dict[str, FeatureMap] = {}
+    for m in maps:
+        first.setdefault(m.name, m)
+    stage_of = {s.reduction: s for s in stages}
+    outside = []
+    for site in sites:
+        fm = first.get(getattr(site, "scope", None))
+        stage = stage_of.get(fm.reduction) if fm is not None and fm.kind == "map" else None  # type: ignore[arg-type]
+        if stage is None:
+            outside.append(site)
+        else:
+            stage.sites.append(site)
+    return outside
+
+
+def find_conv_stages(
+    model: nn.Module, example_inputs: Any = None, *, sites: Optional[Iterable[Any]] = None
+) -> list[ConvStage]:
+    """The conv stages of ``model``: its 4-D feature maps grouped by spatial reduction.
+
+    See the module docstring for the rules and :func:`describe_feature_layout` for what is not
+    a conv stage (token sequences, channels-last maps, pooled maps) and why. ``sites`` as there.
+    """
+    return describe_feature_layout(model, example_inputs, sites=sites).stages

@@ -1,0 +1,95 @@
+"""Residual-site detection on hand-written models, one per tricky case."""
+
+from __future__ import annotations
+
+import pytest
+import toy_models as tm
+import torch
+from torch import nn
+
+from regsurgery import find_residual_sites, residual_report
+
+
+def sites_of(model: nn.Module):
+    return [(s.scope, s.kind) for s in find_residual_sites(model)]
+
+
+@pytest.mark.parametrize("cls", [tm.BranchLeft, tm.BranchRight])
+def test_branch_in_either_operand(cls):
+    sites = find_residual_sites(cls())
+    assert [(s.scope, s.kind) for s in sites] == [("", "identity")]
+    site = sites[0]
+    expected_pos = 0 if cls is tm.BranchLeft else 1
+    assert site.branch_operand == expected_pos
+    assert site.shortcut == "x"
+    assert "conv1" in site.branch_nodes and "bn2" in site.branch_nodes
+
+
+def test_projection_shortcut():
+    (site,) = find_residual_sites(tm.ProjectionBlock())
+    assert site.kind == "projection"
+    assert site.branch_operand == 0
+    assert site.shortcut_nodes == ["proj"]
+
+
+def test_reused_modules_one_site():
+    (site,) = find_residual_sites(tm.ReusedModules())
+    assert site.kind == "identity"
+
+
+def test_two_residuals_share_depth():
+    sites = find_residual_sites(tm.TwoResiduals())
+    assert len(sites) == 2
+    assert sites[0].depth == sites[1].depth == 0
+    assert [s.index for s in sites] == [0, 1]
+
+
+def test_nested_residuals():
+    scopes = [s for s, _ in sites_of(tm.Nested())]
+    assert scopes == ["", "inner.0", "inner.1"]
+
+
+@pytest.mark.parametrize(
+    "cls", [tm.PosEmbed, tm.AttentionBias, tm.ParallelBranches, tm.AttentionTerms, tm.ConvPosEnc, tm.FPNMerge]
+)
+def test_decoys_are_not_residual(cls):
+    assert find_residual_sites(cls()) == []
+
+
+def test_untraceable_parts_reported_and_rest_found():
+    model = tm.Net()
+    report = residual_report(model)
+    skipped = {f.scope for f in report.skipped}
+    assert skipped == {"", "stage2.2"}  # the root and the data-dependent block
+    assert all("TraceError" in f.reason or "control flow" in f.reason for f in report.skipped)
+    scopes = [s.scope for s in report.sites]
+    # every traceable residual block, once, in registration order; the inner block of the
+    # untraceable one still traces; the RepVGG-style block has no site
+    assert scopes == [
+        "stage1.0", "stage1.1", "stage1.2", "stage2.0", "stage2.1", "stage2.2.inner",
+        "stage3.0", "stage3.1",
+    ]
+    assert [s.depth for s in report.sites] == list(range(8))
+    assert [s.index for s in report.sites] == list(range(8))
+
+
+def test_detection_does_not_mutate():
+    model = tm.Net().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    find_residual_sites(model)
+    assert [m.training for m in model.modules()] == flags
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "forward" not in model.stage1[0].__dict__
+
+
+def test_training_branch_and_buffer_stay_live():
+    (site,) = find_residual_sites(tm.TrainingBranch())
+    assert site.kind == "identity"
+
+
+def test_site_to_dict_is_plain_data():
+    import json
+
+    (site,) = find_residual_sites(tm.BranchLeft())
+    json.dumps(site.to_dict())

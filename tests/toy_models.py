@@ -1,0 +1,232 @@
+"""Small hand-written models, one per tricky case of residual detection and surgery."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
+
+
+class BranchLeft(nn.Module):
+    """out = f(x) + x"""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(y + x)
+
+
+class BranchRight(BranchLeft):
+    """out = x + f(x), the branch in the second operand."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(x + y)
+
+
+class ProjectionBlock(nn.Module):
+    """Downsampling block: f(x) + proj(x), proj = 1x1 conv + BN."""
+
+    def __init__(self, cin: int = 8, cout: int = 16) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(cin, cout, 3, 2), nn.ReLU(), conv_bn(cout, cout))
+        self.proj = conv_bn(cin, cout, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.proj(x))
+
+
+class ReusedModules(nn.Module):
+    """One ReLU called three times, one norm twice: insertion must be per call site."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.norm = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.norm(self.conv1(self.relu(x))))
+        y = self.conv2(y)
+        return self.relu(x + y)
+
+
+class TwoResiduals(nn.Module):
+    """A transformer-style block: two residuals sharing one depth."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class Nested(nn.Module):
+    """A residual around a stage that itself holds residual blocks."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(BranchLeft(c), BranchRight(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.inner(x)
+
+
+class PosEmbed(nn.Module):
+    """Decoy: a learned position embedding added to tokens (a parameter operand)."""
+
+    def __init__(self, n: int = 4, d: int = 16) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, n, d))
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) + self.pos
+
+
+class AttentionBias(nn.Module):
+    """Decoys: an attention bias from a table and a mask from an argument, added to logits."""
+
+    def __init__(self, n: int = 4, d: int = 16) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.bias = nn.Parameter(torch.randn(n, n))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = q @ k.transpose(-2, -1)
+        attn = attn + self.bias
+        attn = attn + mask
+        return self.proj(attn.softmax(-1) @ v)
+
+
+class ParallelBranches(nn.Module):
+    """Decoy: RepVGG-style sum of parallel conv branches with a BN identity branch."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.dense = conv_bn(c, c, 3)
+        self.pointwise = conv_bn(c, c, 1)
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.dense(x) + self.pointwise(x) + self.identity(x))
+
+
+class AttentionTerms(nn.Module):
+    """Decoy: a sum of two attention terms computed from the same q, k, v (CoaT style)."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.crpe = nn.Conv1d(d, d, 3, padding=1, groups=d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        factor = q @ (k.softmax(1).transpose(-2, -1) @ v)
+        crpe = q * self.crpe(v.transpose(1, 2)).transpose(1, 2)
+        return factor + crpe
+
+
+class ConvPosEnc(nn.Module):
+    """Decoy: a conditional position encoding x + dwconv(x) (one weighted layer, no norm)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(c, c, 3, padding=1, groups=c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) + x
+
+
+class FPNMerge(nn.Module):
+    """Decoy: a feature-pyramid top-down merge lateral(c4) + upsample(p5)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.down = nn.Sequential(conv_bn(c, c, 3, 2), nn.ReLU(), conv_bn(c, c, 3))
+        self.lateral4 = nn.Conv2d(c, c, 1)
+        self.lateral5 = nn.Conv2d(c, c, 1)
+
+    def forward(self, c4: torch.Tensor) -> torch.Tensor:
+        p5 = self.lateral5(self.down(c4))
+        return self.lateral4(c4) + F.interpolate(p5, scale_factor=2.0)
+
+
+class Untraceable(nn.Module):
+    """A block with data-dependent control flow: fx cannot trace it."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.inner = BranchLeft(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 1e9:  # data-dependent: a TraceError under fx
+            return x
+        return self.inner(x) + x
+
+
+class TrainingBranch(nn.Module):
+    """A block that reads self.training and a buffer in its own forward."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(c, c), nn.ReLU(), conv_bn(c, c))
+        self.register_buffer("offset", torch.zeros(1, c, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if self.training:
+            y = y * 1.0 + 0.0
+        return x + y + self.offset
+
+
+class Net(nn.Module):
+    """A small CNN mixing the cases above; its root forward is data-dependent (untraceable)."""
+
+    def __init__(self, c: int = 8, num_classes: int = 5) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.stage1 = nn.Sequential(BranchLeft(c), BranchRight(c), ReusedModules(c))
+        self.stage2 = nn.Sequential(ProjectionBlock(c, 2 * c), BranchLeft(2 * c), Untraceable(2 * c))
+        self.stage3 = nn.Sequential(ProjectionBlock(2 * c, 4 * c), TrainingBranch(4 * c), ParallelBranches(4 * c))
+        self.head = nn.Linear(4 * c, num_classes)
+        self.alias = self.stage1[0]  # one module registered under two names
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage3(self.stage2(self.stage1(F.relu(self.stem(x)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:  # shape-dependent: the root does not trace as a whole
+            return x.new_zeros(0, self.head.out_features)
+        return self.head(self.forward_features(x).mean((2, 3)))
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give norm layers non-trivial affine parameters (many inits zero the last norm of a branch)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+    return model
