@@ -322,15 +322,20 @@ def export_torchscript(
             warnings.simplefilter("always")
             with torch.no_grad():
                 traced = torch.jit.trace(clone, args, check_trace=False)
-        for w in caught:  # TracerWarnings flag data-dependent Python the trace froze
-            if isinstance(w.message, torch.jit.TracerWarning):
-                notes.append(f"tracer: {str(w.message).splitlines()[0][:160]}")
-        _step(progress, "saving")
-        torch.jit.save(traced, tmp)
-        _step(progress, "verifying")
-        loaded = torch.jit.load(tmp, map_location="cpu")
-        with torch.no_grad():
-            actual = loaded(*args)
+            _step(progress, "saving")
+            torch.jit.save(traced, tmp)
+            _step(progress, "verifying")
+            loaded = torch.jit.load(tmp, map_location="cpu")
+            with torch.no_grad():
+                actual = loaded(*args)
+        for w in caught:
+            text = str(w.message).splitlines()[0][:160] if str(w.message) else ""
+            if isinstance(w.message, torch.jit.TracerWarning):  # data-dependent Python, frozen
+                notes.append(f"tracer: {text}")
+            elif issubclass(w.category, FutureWarning) and "torch.jit" in text:
+                notes.append("TorchScript is deprecated since torch 2.10; --pt2 (torch.export) is its successor")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         diff, scale = _max_abs_diff(expected, actual, "the TorchScript module")
         _check_close(diff, scale, tolerance, "the TorchScript module")
         kinds = [n.kind() for n in loaded.inlined_graph.nodes()]

@@ -92,7 +92,10 @@ class FeatureMap:
     kind: ``"map"`` (a spatial 4-D map; ``layout`` NCHW or NHWC), ``"tokens"`` (3-D sequence),
     ``"fixed"`` (4-D but its size does not follow the input: pooled), ``"other"``.
     ``reduction``/``size``/``channels`` are set for maps (and ``reduction`` for tokens when a
-    token grid ``(H/r) * (W/r)`` plus ``prefix`` tokens matches the length).
+    token grid ``(H/r) * (W/r)`` plus ``prefix`` tokens matches the length). ``interior_of``
+    names the downsampling block a map is computed inside, before its stride (the expansion
+    conv of an inverted residual, conv1 of a Bottleneck): such a map is in its reduction's
+    stage but is not that stage's output.
     """
 
     name: str
@@ -106,6 +109,7 @@ class FeatureMap:
     channels: Optional[int] = None
     prefix: Optional[int] = None
     note: str = ""
+    interior_of: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -508,6 +512,7 @@ def _classify(
     batch: int,
     in1: tuple[int, int],
     in2: Optional[tuple[int, int]],
+    token_parent: Optional[str] = None,
 ) -> Optional[FeatureMap]:
     shape = call.output_shape
     if shape is None or len(shape) not in (3, 4):
@@ -550,6 +555,11 @@ def _classify(
         )
         return fm
     # One input size: shapes alone decide.
+    if token_parent is not None:
+        # An attention matrix (B, heads, N, N) can look like a map; inside a tokens -> tokens
+        # module nothing 4-D is taken as a map unless a second input size shows it is one.
+        fm.note = f"inside token module {token_parent or '<root>'}"
+        return fm
     if d2 == 1 and d3 == 1 and (H > 1 or W > 1):
         fm.kind = "fixed"
         fm.note = "1x1 map taken as pooled (one input size only)"
@@ -623,11 +633,7 @@ def describe_feature_layout(
         paired = {(c.name, c.call_index): c for c in calls2}
     del big
 
-    maps: list[FeatureMap] = []
-    for c in calls:
-        fm = _classify(c, paired.get((c.name, c.call_index)), batch, in1, in2)
-        if fm is not None:
-            maps.append(fm)
+    maps = _classify_calls(calls, paired, batch, in1, in2)
     inexact = [m for m in maps if m.kind == "map" and m.note.startswith("inexact")]
     if inexact:
         notes.append(f"{len(inexact)} maps have sizes that are not input/r exactly (valid padding)")
@@ -645,6 +651,61 @@ def describe_feature_layout(
     )
 
 
+def _ancestors(call: ModuleCall, by_start: dict[int, ModuleCall]) -> Iterable[ModuleCall]:
+    """Enclosing calls, innermost first, without the outermost one (the model itself)."""
+    p = call.parent
+    while p is not None:
+        a = by_start[p]
+        if a.parent is None:
+            return
+        yield a
+        p = a.parent
+
+
+def _classify_calls(
+    calls: list[ModuleCall],
+    paired: dict[tuple[str, int], ModuleCall],
+    batch: int,
+    in1: tuple[int, int],
+    in2: Optional[tuple[int, int]],
+) -> list[FeatureMap]:
+    by_start = {c.start: c for c in calls}
+    out: dict[int, FeatureMap] = {}
+    for c in calls:
+        other = paired.get((c.name, c.call_index))
+        token_parent = None
+        if other is None:
+            for a in _ancestors(c, by_start):
+                if len(a.input_shape or ()) == 3 and len(a.output_shape or ()) == 3:
+                    token_parent = a.name
+                    break
+        fm = _classify(c, other, batch, in1, in2, token_parent)
+        if fm is not None:
+            out[c.start] = fm
+    # Reductions of the maps in each call's subtree (children complete before their parent).
+    subtree: dict[int, set[int]] = {}
+    for c in calls:
+        own = subtree.setdefault(c.start, set())
+        fm = out.get(c.start)
+        if fm is not None and fm.kind == "map" and fm.reduction is not None:
+            own.add(fm.reduction)
+        if c.parent is not None:
+            subtree.setdefault(c.parent, set()).update(own)
+    # A downsampling block holds maps at exactly two reductions, its input's and its output's;
+    # a multi-stage container (timm's `blocks`, torchvision's `features`) holds more.
+    for c in calls:
+        fm = out.get(c.start)
+        if fm is None or fm.kind != "map":
+            continue
+        for a in _ancestors(c, by_start):
+            afm = out.get(a.start)
+            if afm is not None and afm.kind == "map" and afm.reduction != fm.reduction:
+                if subtree[a.start] == {fm.reduction, afm.reduction}:
+                    fm.interior_of = a.name
+                break
+    return [out[c.start] for c in calls if c.start in out]
+
+
 def _group(maps: list[FeatureMap]) -> list[ConvStage]:
     by_r: dict[int, list[FeatureMap]] = {}
     for m in maps:
@@ -653,7 +714,9 @@ def _group(maps: list[FeatureMap]) -> list[ConvStage]:
             by_r.setdefault(m.reduction, []).append(m)
     stages = []
     for index, (r, ms) in enumerate(by_r.items(), start=1):  # dicts keep first-seen order
-        last = ms[-1]
+        # The stage's output: its last map not computed inside the next downsampling block.
+        exterior = [m for m in ms if m.interior_of is None]
+        last = (exterior or ms)[-1]
         assert last.size is not None and last.channels is not None
         layouts = {m.layout for m in ms}
         layout = layouts.pop() if len(layouts) == 1 else "mixed"
