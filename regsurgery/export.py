@@ -333,7 +333,7 @@ def export_torchscript(
             if isinstance(w.message, torch.jit.TracerWarning):  # data-dependent Python, frozen
                 notes.append(f"tracer: {text}")
             elif issubclass(w.category, FutureWarning) and "torch.jit" in text:
-                notes.append("TorchScript is deprecated since torch 2.10; --pt2 (torch.export) is its successor")
+                notes.append(f"torch {torch.__version__} deprecates TorchScript; --pt2 (torch.export) is its successor")
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         diff, scale = _max_abs_diff(expected, actual, "the TorchScript module")

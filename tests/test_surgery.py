@@ -207,7 +207,7 @@ def test_existing_slots_are_reused_not_doubled():
     assert sorted(inserted_modules(model)) == ["blocks.0.regsurgery.dp0", "blocks.0.regsurgery.dp1"]
     rates = {n: m.drop_prob for n, m in model.named_modules() if hasattr(m, "drop_prob")}
     assert rates["blocks.11.drop_path1"] == pytest.approx(0.3)
-    assert rates["blocks.0.drop_path2"] == 0.0
+    assert rates["blocks.1.drop_path2"] == pytest.approx(0.3 / 11)
     strip(model)
     assert {n: m.drop_prob for n, m in model.named_modules() if hasattr(m, "drop_prob")} == original
 
