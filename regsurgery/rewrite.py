@@ -62,6 +62,10 @@ def _make_module(op: PlannedOp) -> nn.Module:
 
     params = dict(op.params)
     p = check_rate(f"p of {op.kind} at {op.scope or '<root>'}:{op.anchor}", params.get("p", 0.0))
+    if op.kind == "drop_path" and params.get("skip"):
+        from .skip import make_skip_module
+
+        return make_skip_module(op)
     if op.kind == "drop_path":
         return ops.DropPath(p, mode=params.get("mode", "row"), scale_by_keep=params.get("scale_by_keep", True))
     if op.kind == "drop_block":
@@ -99,6 +103,12 @@ def _insert_ops(graph: fx.Graph, scope: str, ops: list[tuple[str, PlannedOp]]) -
     ordered = sorted(ops, key=lambda item: item[1].user is not None)
     for target, op in ordered:
         anchor = lookup(op.anchor, "anchor", op)
+        if op.kind == "drop_path" and op.params.get("skip"):
+            from .skip import insert_skip
+
+            # The branch becomes its own callable run only for kept samples (issue: skip mode).
+            insert_skip(graph, target, op, anchor=anchor, user=lookup(op.user or "", "user", op))
+            continue
         if op.user is None:
             value = current.get(op.anchor, anchor)
             insert_at = graph.inserting_after(value)
@@ -180,6 +190,11 @@ def _prepare_block(model: nn.Module, scope: str, new_ops: list[PlannedOp]) -> tu
     traced = trace_block(block, scope, policy=policy)
     _insert_ops(traced.graph, scope, named)
     train_forward, source = _compile_forward(traced.graph, scope)
+    for op in ops:
+        if op.kind == "drop_path" and op.params.get("skip"):
+            from .skip import bind_skip_module
+
+            bind_skip_module(modules[op.key], block, traced.graph, op)
     return block, _PatchState(ops=ops, modules=modules, train_forward=train_forward, source=source)
 
 

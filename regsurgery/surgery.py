@@ -44,6 +44,7 @@ def plan_stochastic_depth(
     include: Patterns = None,
     exclude: Patterns = None,
     *,
+    skip_dropped: bool = False,
     sites: Optional[list[ResidualSite]] = None,
 ) -> Plan:
     """Plan one DropPath per residual call site, rates by depth (see :func:`apply_stochastic_depth`).
@@ -70,12 +71,29 @@ def plan_stochastic_depth(
     ops: list[PlannedOp] = []
     slots_seen: set[str] = set()
     selected = 0
+    fallbacks: list[dict[str, str]] = []
     for site in all_sites:
         if not scope_selected(site.scope, include, exclude):
             continue
         selected += 1
         p = rates[site.depth]
-        if site.existing:
+        skip = False
+        if skip_dropped:
+            from .skip import skip_blocker
+
+            reason = skip_blocker(model, site, mode)
+            skip = reason is None
+            if reason is not None:
+                fallbacks.append({"scope": site.scope, "add": site.add, "reason": reason})
+        if skip and site.existing:
+            # The existing slot is neutralised (rate 0) and the skipping op takes over its rate.
+            if site.existing not in slots_seen:
+                slots_seen.add(site.existing)
+                ops.append(PlannedOp(
+                    kind="set_rate", scope=site.scope, depth=site.depth, site=site.index, role="branch",
+                    params={"module": site.existing, "attr": site.existing_attr or "p", "p": 0.0},
+                ))
+        if site.existing and not skip:
             if site.existing in slots_seen:
                 continue  # one module called by two sites of the same block (Mixer): one rate
             slots_seen.add(site.existing)
@@ -87,7 +105,7 @@ def plan_stochastic_depth(
             ops.append(PlannedOp(
                 kind="drop_path", scope=site.scope, anchor=site.branch, user=site.add, role="branch",
                 depth=site.depth, site=site.index,
-                params={"p": p, "mode": mode, "trace_policy": site.trace_policy},
+                params={"p": p, "mode": mode, "trace_policy": site.trace_policy, "skip": skip},
             ))
     if selected == 0:
         raise NoSitesError(
@@ -97,7 +115,8 @@ def plan_stochastic_depth(
     meta: dict[str, Any] = {
         "drop_path": {"rate": rate, "schedule": _schedule_name(schedule), "mode": mode,
                       "include": include, "exclude": exclude, "sites": selected,
-                      "existing_slots": sorted(slots_seen)},
+                      "existing_slots": sorted(slots_seen), "skip_dropped": skip_dropped,
+                      "skip_fallbacks": fallbacks},
     }
     if report is not None and report.skipped:
         meta["untraced"] = [vars(f) for f in report.skipped]
@@ -119,6 +138,7 @@ def apply_stochastic_depth(
     exclude: Patterns = None,
     *,
     inplace: bool = True,
+    skip_dropped: bool = False,
 ) -> nn.Module:
     """Give ``model`` stochastic depth (Huang et al., ECCV 2016): ``out = s + m * f(x) / (1-p)``.
 
@@ -134,11 +154,24 @@ def apply_stochastic_depth(
     copy is patched and ``model`` is left as it was. Eval-mode outputs are bitwise the original's.
     Existing DropPath / StochasticDepth modules are reused (their rate is set; a warning says so),
     never doubled. :func:`regsurgery.strip` undoes everything.
+
+    ``skip_dropped=True`` makes stochastic depth save compute, as in the paper: each branch becomes
+    its own callable; batch mode skips a dropped branch for the whole step, row mode runs the branch
+    on the kept samples only (gather, branch, scatter-add). A branch with a cross-sample op
+    (train-mode BatchNorm, ...) falls back to masking for that site; a warning and the plan's
+    ``meta["drop_path"]["skip_fallbacks"]`` say which and why.
     """
-    plan = plan_stochastic_depth(model, rate, schedule, mode, include, exclude)
+    plan = plan_stochastic_depth(model, rate, schedule, mode, include, exclude, skip_dropped=skip_dropped)
     model = _maybe_copy(model, inplace)
     existing = plan.meta["drop_path"]["existing_slots"]
-    if existing:
+    fallbacks = plan.meta["drop_path"]["skip_fallbacks"]
+    if fallbacks:
+        warnings.warn(
+            f"skip_dropped: {len(fallbacks)} of {plan.meta['drop_path']['sites']} sites fall back to "
+            f"masking (e.g. {fallbacks[0]['scope'] or '<root>'}: {fallbacks[0]['reason']})",
+            stacklevel=2,
+        )
+    if existing and not skip_dropped:
         warnings.warn(
             f"{type(model).__name__} already has {len(existing)} DropPath/StochasticDepth modules "
             f"(e.g. {existing[0]!r}): their rates were set instead of inserting new ones",
