@@ -343,15 +343,16 @@ _PLAIN_SCALARS = (type(None), bool, int, float, str)
 def _check_plain(value: Any, where: str) -> None:
     """Raise TypeError unless ``value`` is plain data that ``torch.load(weights_only=True)`` and
     JSON both accept (None, bool, int, float, str, and lists / tuples / str-keyed dicts of them)."""
-    if isinstance(value, _PLAIN_SCALARS):
+    # Exact types: str / int subclasses (torch's TorchVersion, enums) are refused by weights_only.
+    if type(value) in _PLAIN_SCALARS:
         return
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):
         for i, v in enumerate(value):
             _check_plain(v, f"{where}[{i}]")
         return
-    if isinstance(value, dict):
+    if type(value) is dict:
         for k, v in value.items():
-            if not isinstance(k, str):
+            if type(k) is not str:
                 raise TypeError(f"{where} has a non-string key {k!r}; recipes hold plain JSON-able data")
             _check_plain(v, f"{where}[{k!r}]")
         return
@@ -363,10 +364,10 @@ def versions() -> dict[str, str]:
     """Versions of the packages that shape a patched model (stored in recipes)."""
     from . import __version__
 
-    out = {"torch": torch.__version__, "regsurgery": __version__}
+    out = {"torch": str(torch.__version__), "regsurgery": str(__version__)}
     for name in ("timm", "torchvision"):
         try:
-            out[name] = __import__(name).__version__
+            out[name] = str(__import__(name).__version__)
         except ImportError:
             pass
     return out
@@ -417,7 +418,10 @@ def save_patched(
     buf = io.BytesIO()
     torch.save(recipe, buf)
     buf.seek(0)
-    torch.load(buf, weights_only=True)
+    try:
+        torch.load(buf, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise TypeError(f"the recipe would not load with weights_only=True: {_short(e)}") from e
     return atomic_save({"format": PATCHED_FORMAT, "state_dict": state_dict, "recipe": recipe}, out_path, inputs)
 
 
