@@ -87,15 +87,32 @@ def _short(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+def _check_torch_header(path: str) -> None:
+    """Fail early, and say so, for files that are not torch checkpoints at all."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"{path} is empty (an interrupted write?)")
+    # torch.save writes a zip archive; files from torch < 1.6 (and raw pickles) start with a
+    # pickle PROTO opcode.
+    if not (head.startswith(b"PK") or head[0] == 0x80):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (unrecognised header {head!r}); "
+                              f"expected a torch.save file (.pt/.pth) or a .safetensors file")
+
+
 def _torch_load(path: str, trust_pickle: bool) -> Any:
+    _check_torch_header(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower() and "weights_only" not in str(e).lower():
+        text = str(e)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        opcode = re.search(r"Unsupported operand (\d+)", text)
+        if found is None and opcode is None:
             raise CheckpointError(f"{path}: not a readable checkpoint (corrupt?): {_short(e)}") from e
         if not trust_pickle:
-            found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = f" (it references {found.group(1)})" if found else ""
+            what = (f" (it references {found.group(1)})" if found
+                    else f" (it uses pickle opcode {opcode.group(1)}, which the safe loader does not read)")
             raise UnsafeCheckpointError(
                 f"{path} holds pickled Python objects, not just weights{what}; loading it means "
                 f"unpickling, which can run arbitrary code from the file, so torch.load(weights_only=True) "

@@ -1,4 +1,4 @@
-"""Conv stages: feature maps grouped by spatial reduction, found by running the model once.
+"""Conv stages: feature maps grouped by spatial reduction, found by running the model.
 
 DropBlock (Ghiasi, Lin, Le, NeurIPS 2018, arXiv 1810.12890) is applied per *stage*: the paper
 puts it in ResNet-50's groups 3 and 4, the maps at stride 16 and 32 (14x14 and 7x7 at 224 px),
@@ -7,10 +7,14 @@ one spatial reduction ``r`` relative to the input::
 
     r = H_in / h = W_in / w          (stride 2, 4, 8, 16, 32, ...)
 
-Shapes come from forward hooks on every module during one eval-mode, no-grad forward on an
-example input (:func:`record_module_shapes`). A module's output decides its stage, so a
-stride-2 block belongs to the stage it produces, not the one it reads; this is also where its
-residual add happens.
+Shapes come from forward hooks on every module during an eval-mode, no-grad forward on an
+example input (:func:`record_module_shapes`), run a second time on the input upsampled 2x
+when the model accepts it (4x the pixels: the cost of this analysis is about five forwards at
+the example size). A module's output decides its stage, so a stride-2 block belongs to the
+stage it produces, not the one it reads; this is also where its residual add happens. Maps
+computed inside a downsampling block before its stride (Bottleneck conv1, the expansion of an
+inverted residual) are in the stage of their own reduction but marked ``interior_of`` that
+block; a stage's ``channels`` and ``size`` are those of its last map that is not.
 
 Layout decision for a 4-D output ``(N, d1, d2, d3)`` of an input ``(N, C, H, W)``:
 
@@ -21,13 +25,16 @@ Layout decision for a 4-D output ``(N, d1, d2, d3)`` of an input ``(N, C, H, W)`
   valid-padding nets (Inception: ``r = dH_in / dh``);
 * when the model only accepts one input size (ViT, Swin), shapes alone decide: NCHW if
   ``(d2, d3)`` give one integer reduction, NHWC if only ``(d1, d2)`` do, NCHW if both do (the
-  map is then reported as ambiguous), and ``1x1`` maps are taken as globally pooled.
+  map is then reported as ambiguous), ``1x1`` maps are taken as globally pooled, and nothing
+  4-D inside a tokens -> tokens module (attention matrices) is taken as a map.
 
 3-D outputs ``(N, L, C)`` are token sequences (ViT, Swin attention): not conv stages, reported
 in :class:`FeatureLayout`, never guessed into a stage. Outputs whose batch dim differs from
 the input's (Swin windows, attention heads) are reported as ``other``.
 
-Stages are all distinct reductions, ordered by the first map produced at each. The stem's
+Stages are all distinct reductions, indexed by increasing reduction (execution order on an
+encoder; PVT's spatial-reduction attention computes a stride-32 map inside the stride-4 stage
+and must not make it stage 2). The stem's
 stride-2 maps form a stage of their own, as in timm's ``feature_info`` (``act1`` at reduction 2
 for ResNet), so stage ``k`` is timm's ``feature_info[k - 1]`` on every timm CNN checked in the
 tests; a stride-1 stem (CIFAR nets) gives a stage with reduction 1. Maps of a decoder (U-Net,
@@ -123,7 +130,7 @@ class FeatureMap:
 class ConvStage:
     """The feature maps of one spatial reduction.
 
-    index:     1-based, in the order the first map of each reduction is produced.
+    index:     1-based, by increasing reduction: the execution order of an encoder.
     reduction: input size / map size (the stride of the stage).
     channels:  channels of the stage's last map (its output); ``widths`` lists every channel
                count seen in the stage, in order.
@@ -560,7 +567,7 @@ def _classify(
         # module nothing 4-D is taken as a map unless a second input size shows it is one.
         fm.note = f"inside token module {token_parent or '<root>'}"
         return fm
-    if d2 == 1 and d3 == 1 and (H > 1 or W > 1):
+    if (d2 == d3 == 1 or d1 == d2 == 1) and (H > 1 or W > 1):
         fm.kind = "fixed"
         fm.note = "1x1 map taken as pooled (one input size only)"
         return fm
@@ -594,14 +601,20 @@ def _find_sites(model: nn.Module) -> list[Any]:
 
 
 def describe_feature_layout(
-    model: nn.Module, example_inputs: Any = None, *, sites: Optional[Iterable[Any]] = None
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    sites: Optional[Iterable[Any]] = None,
+    two_sizes: bool = True,
 ) -> FeatureLayout:
     """Conv stages plus what is not a conv stage (token sequences, channels-last, pooled maps).
 
     ``example_inputs``: a Tensor or tuple of forward arguments holding an image ``(N, C, H, W)``;
     None infers one (:func:`infer_example_input`). ``sites``: residual sites to distribute over
-    the stages; None finds them with :func:`regsurgery.analysis.find_residual_sites`. The model
-    is not modified (hooks removed, training flags restored).
+    the stages; None finds them with :func:`regsurgery.analysis.find_residual_sites`.
+    ``two_sizes``: also run the input upsampled 2x (4x the pixels) to observe which dims are
+    spatial; False skips it (huge inputs) and decides from one shape per output. The model is
+    not modified (hooks removed, training flags restored).
     """
     inferred = example_inputs is None
     args = (infer_example_input(model),) if inferred else _as_args(example_inputs)
@@ -619,19 +632,22 @@ def describe_feature_layout(
     # Second forward at twice the size: which dims follow the input is then observed, not guessed.
     in2: Optional[tuple[int, int]] = None
     paired: dict[tuple[str, int], ModuleCall] = {}
-    big = F.interpolate(image, scale_factor=2.0, mode="nearest")
-    try:
-        calls2 = _run_recorded(model, (*args[:pos], big, *args[pos + 1 :]))
-    except Exception as exc:
-        notes.append(
-            f"the model rejects a second input size ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}); layouts "
-            "decided from one shape per output, 1x1 maps taken as pooled"
-        )
+    if two_sizes:
+        big = F.interpolate(image, scale_factor=2.0, mode="nearest")
+        try:
+            calls2 = _run_recorded(model, (*args[:pos], big, *args[pos + 1 :]))
+        except Exception as exc:
+            first_line = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            notes.append(
+                f"the model rejects a second input size ({type(exc).__name__}: {first_line}); "
+                "layouts decided from one shape per output, 1x1 maps taken as pooled"
+            )
+        else:
+            in2 = (int(big.shape[2]), int(big.shape[3]))
+            paired = {(c.name, c.call_index): c for c in calls2}
+        del big
     else:
-        in2 = (int(big.shape[2]), int(big.shape[3]))
-        paired = {(c.name, c.call_index): c for c in calls2}
-    del big
+        notes.append("one input size only (two_sizes=False): 1x1 maps taken as pooled")
 
     maps = _classify_calls(calls, paired, batch, in1, in2)
     inexact = [m for m in maps if m.kind == "map" and m.note.startswith("inexact")]
@@ -713,7 +729,10 @@ def _group(maps: list[FeatureMap]) -> list[ConvStage]:
             assert m.reduction is not None
             by_r.setdefault(m.reduction, []).append(m)
     stages = []
-    for index, (r, ms) in enumerate(by_r.items(), start=1):  # dicts keep first-seen order
+    # By reduction, which is execution order on an encoder; a deep map produced early (PVT's
+    # spatial-reduction attention: a stride-8 conv on the stride-4 stage) does not reorder stages.
+    for index, r in enumerate(sorted(by_r), start=1):
+        ms = by_r[r]
         # The stage's output: its last map not computed inside the next downsampling block.
         exterior = [m for m in ms if m.interior_of is None]
         last = (exterior or ms)[-1]
@@ -753,11 +772,16 @@ def _assign_sites(stages: list[ConvStage], maps: list[FeatureMap], sites: list[A
 
 
 def find_conv_stages(
-    model: nn.Module, example_inputs: Any = None, *, sites: Optional[Iterable[Any]] = None
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    sites: Optional[Iterable[Any]] = None,
+    two_sizes: bool = True,
 ) -> list[ConvStage]:
     """The conv stages of ``model``: its 4-D feature maps grouped by spatial reduction.
 
     See the module docstring for the rules and :func:`describe_feature_layout` for what is not
-    a conv stage (token sequences, channels-last maps, pooled maps) and why. ``sites`` as there.
+    a conv stage (token sequences, channels-last maps, pooled maps) and why; ``sites`` and
+    ``two_sizes`` as there.
     """
-    return describe_feature_layout(model, example_inputs, sites=sites).stages
+    return describe_feature_layout(model, example_inputs, sites=sites, two_sizes=two_sizes).stages
