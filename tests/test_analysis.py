@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import toy_models as tm
 import torch
+import toy_models as tm
 from torch import nn
 
 from regsurgery import find_residual_sites, residual_report

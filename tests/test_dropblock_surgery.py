@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import toy_models as tm
 import torch
+import toy_models as tm
 
 from regsurgery import (
     DropBlock2d,

@@ -6,8 +6,8 @@ import copy
 import warnings
 
 import pytest
-import toy_models as tm
 import torch
+import toy_models as tm
 from torch import nn
 
 import regsurgery
