@@ -42,8 +42,10 @@ from .tracing import (
     is_library_module,
     iter_block_graphs,
     module_of,
+    own_node,
     qualified,
     tensor_inputs,
+    trace_block,
 )
 
 __all__ = ["ResidualSite", "SiteReport", "find_residual_sites", "analyse_block", "residual_report"]
@@ -128,21 +130,14 @@ class SiteReport:
 # ----------------------------------------------------------------------------- node properties
 
 
-def _count_layers(module: nn.Module) -> tuple[int, bool, bool]:
-    """(weighted layers inside, holds a norm, holds any computing layer) for a leaf module."""
-    weighted = 0
-    has_norm = False
-    computes = False
-    for m in module.modules():
-        if isinstance(m, _WEIGHTED_TYPES):
-            weighted += 1
-        elif isinstance(m, _NORM_TYPES) or "Norm" in type(m).__name__:
-            has_norm = True
-        if m is not module and not isinstance(
-            m, (nn.Identity, nn.modules.dropout._DropoutNd, nn.Sequential, nn.ModuleList)
-        ) and not is_drop_path_slot(m):
-            computes = True
-    return weighted, has_norm, computes
+def _computes(module: nn.Module) -> bool:
+    """Does a module hold any layer that computes (not only identities, dropouts, containers)?"""
+    return any(
+        m is not module
+        and not isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd, nn.Sequential, nn.ModuleList))
+        and not is_drop_path_slot(m)
+        for m in module.modules()
+    )
 
 
 def _is_norm_module(module: nn.Module) -> bool:
@@ -158,33 +153,76 @@ class _NodeCost:
     upsample: bool
 
 
-def _node_cost(node: fx.Node, root: nn.Module) -> _NodeCost:
-    if node.op == "call_module":
-        m = module_of(node, root)
-        if m is None or is_drop_path_slot(m):
-            return _NodeCost(0.0, False, False)
-        if isinstance(m, nn.Upsample):
-            return _NodeCost(0.0, False, True)
-        if isinstance(m, _WEIGHTED_TYPES):
-            return _NodeCost(1.0, False, False)
-        if _is_norm_module(m):
-            return _NodeCost(0.0, True, False)
-        if is_library_module(m):
-            return _NodeCost(0.0, False, False)
-        weighted, has_norm, computes = _count_layers(m)
+_ZERO = _NodeCost(0.0, False, False)
+
+
+class _Costs:
+    """Cost of graph nodes: weighted layers on the node (and whether it normalizes / upsamples).
+
+    A custom leaf module costs its *depth*: the longest chain of weighted layers through its own
+    traced graph, computed recursively and memoized, so that a module of parallel convs
+    (MobileOne, RepVGG) is one layer deep however many convs it holds.
+    """
+
+    def __init__(self) -> None:
+        self._depth: dict[int, float] = {}
+
+    def module_depth(self, module: nn.Module) -> float:
+        key = id(module)
+        if key not in self._depth:
+            self._depth[key] = 0.0  # guards recursion through a module that calls itself
+            self._depth[key] = self._trace_depth(module)
+        return self._depth[key]
+
+    def _trace_depth(self, module: nn.Module) -> float:
         # A custom module that computes with no weights (PoolFormer's pooling mixer) is one layer;
         # one with no children (a layer-scale multiplier) is a scale, not a layer.
-        return _NodeCost(float(weighted) if weighted else (1.0 if computes else 0.0), has_norm, False)
-    if node.op == "call_function":
-        if node.target in _WEIGHTED_FUNCTIONS:
-            return _NodeCost(1.0, False, False)
-        if node.target in _NORM_FUNCTIONS:
-            return _NodeCost(0.0, True, False)
-        if node.target in _UPSAMPLE_FUNCTIONS:
-            return _NodeCost(0.0, False, True)
-    if node.op == "call_method" and node.target in _WEIGHTED_METHODS:
-        return _NodeCost(1.0, False, False)
-    return _NodeCost(0.0, False, False)
+        floor = 1.0 if _computes(module) else 0.0
+        try:
+            graph = trace_block(module).graph
+        except Exception:  # untraceable: count its weighted layers, an upper bound of its depth
+            weighted = sum(isinstance(m, _WEIGHTED_TYPES) for m in module.modules())
+            return max(float(weighted), floor)
+        depth: dict[fx.Node, float] = {}
+        for n in graph.nodes:
+            prior = [depth[i] for i in tensor_inputs(n)]
+            depth[n] = (max(prior) if prior else 0.0) + self.node(n, module).weight
+            if n.op == "output":
+                return max(depth[n], floor)
+        return floor
+
+    def node(self, node: fx.Node, root: nn.Module) -> _NodeCost:
+        if node.op == "call_module":
+            m = module_of(node, root)
+            if m is None or is_drop_path_slot(m):
+                return _ZERO
+            if isinstance(m, nn.Upsample):
+                return _NodeCost(0.0, False, True)
+            if isinstance(m, _WEIGHTED_TYPES):
+                return _NodeCost(1.0, False, False)
+            if _is_norm_module(m):
+                return _NodeCost(0.0, True, False)
+            if is_library_module(m) and not isinstance(m, (nn.Sequential, nn.ModuleList)):
+                return _ZERO
+            # A norm inside a conv+norm composite is not the branch's normalization
+            # (RepMixer / MobileOne decoys): only the depth counts.
+            return _NodeCost(self.module_depth(m), False, False)
+        if node.op == "call_function":
+            if node.target in _WEIGHTED_FUNCTIONS:
+                return _NodeCost(1.0 if _applies_parameters(node) else 0.0, False, False)
+            if node.target in _NORM_FUNCTIONS:
+                return _NodeCost(0.0, True, False)
+            if node.target in _UPSAMPLE_FUNCTIONS:
+                return _NodeCost(0.0, False, True)
+        if node.op == "call_method" and node.target in _WEIGHTED_METHODS:
+            return _NodeCost(1.0 if _applies_parameters(node) else 0.0, False, False)
+        return _ZERO
+
+
+def _applies_parameters(node: fx.Node) -> bool:
+    """A matmul / linear / conv applies a layer only when an operand is a parameter; a product of
+    two activations (attention logits, attention times values) is not a layer."""
+    return any(i.op == "get_attr" for i in tensor_inputs(node))
 
 
 def _is_add(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
@@ -236,7 +274,7 @@ class _Dataflow:
 
 
 def _projection_chain(
-    shortcut: fx.Node, branch: fx.Node, flow: _Dataflow, root: nn.Module
+    shortcut: fx.Node, branch: fx.Node, flow: _Dataflow, root: nn.Module, costs: _Costs
 ) -> Optional[tuple[fx.Node, list[fx.Node], float]]:
     """Walk from ``shortcut`` back through single-input nodes to an ancestor of ``branch``.
 
@@ -253,7 +291,7 @@ def _projection_chain(
         if len(value_inputs) != 1:
             return None
         chain.append(node)
-        weight += _node_cost(node, root).weight
+        weight += costs.node(node, root).weight
         if weight > 1.0:
             return None
         node = value_inputs[0]
@@ -295,7 +333,7 @@ def _longest_chain(source: fx.Node, body: list[fx.Node], costs: list[_NodeCost])
 
 
 def _classify_add(
-    add: fx.Node, a: fx.Node, b: fx.Node, flow: _Dataflow, root: nn.Module
+    a: fx.Node, b: fx.Node, flow: _Dataflow, root: nn.Module, costs: _Costs
 ) -> Optional[dict[str, Any]]:
     candidates = []
     for branch_pos, (branch, shortcut) in enumerate(((a, b), (b, a))):
@@ -306,16 +344,16 @@ def _classify_add(
         if shortcut in flow.ancestors[branch]:
             source, chain, chain_weight, kind = shortcut, [], 0.0, "identity"
         else:
-            found = _projection_chain(shortcut, branch, flow, root)
+            found = _projection_chain(shortcut, branch, flow, root, costs)
             if found is None:
                 continue
             source, chain, chain_weight = found
             kind = "projection"
         body = flow.between(source, branch)
-        costs = [_node_cost(n, root) for n in body]
-        weight = _longest_chain(source, body, costs)
-        norm = any(c.norm for c in costs)
-        if any(c.upsample for c in costs):
+        node_costs = [costs.node(n, root) for n in body]
+        weight = _longest_chain(source, body, node_costs)
+        norm = any(c.norm for c in node_costs)
+        if any(c.upsample for c in node_costs):
             continue  # FPN-style top-down merge
         if not (weight >= 2 or (weight >= 1 and norm)):
             continue
@@ -333,15 +371,20 @@ def _classify_add(
     return max(candidates, key=lambda c: c["branch_weight"])
 
 
-def analyse_block(block: BlockGraph) -> list[dict[str, Any]]:
-    """The residual adds in one block graph, in graph order, as plain dicts (no index/depth yet)."""
+def analyse_block(block: BlockGraph, costs: Optional[_Costs] = None) -> list[dict[str, Any]]:
+    """The residual adds in one block graph, in graph order, as plain dicts (no index/depth yet).
+
+    Only adds of the block's own forward count: with the "library" leaf policy the graph also
+    holds inlined children, whose adds are found when those children are analysed themselves.
+    """
+    costs = costs or _Costs()
     flow = _Dataflow(block.graph)
     found = []
     for node in block.graph.nodes:
-        operands = _is_add(node)
+        operands = _is_add(node) if own_node(node) else None
         if operands is None:
             continue
-        info = _classify_add(node, *operands, flow, block.module)
+        info = _classify_add(*operands, flow, block.module, costs)
         if info is None:
             continue
         existing, attr = _existing_slot(info["branch"], block.module, block.scope)
@@ -366,12 +409,13 @@ def residual_report(
     skipped: list[TraceFailure] = []
     traced = 0
     depth_of: dict[str, int] = {}
+    costs = _Costs()
     for item in items:
         if isinstance(item, TraceFailure):
             skipped.append(item)
             continue
         traced += 1
-        for info in analyse_block(item):
+        for info in analyse_block(item, costs):
             depth = depth_of.setdefault(item.scope, len(depth_of))
             sites.append(ResidualSite(scope=item.scope, index=len(sites), depth=depth, **info))
     return SiteReport(sites=sites, skipped=skipped, blocks_traced=traced)

@@ -377,11 +377,16 @@ def _plan_summary(args: argparse.Namespace, recipe: Optional[dict[str, Any]]) ->
     return "planned " + ", ".join(parts) if parts else "nothing planned (all rates 0)"
 
 
-def _write_plot(path: str, rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]], title: str,
-                inputs: list[Optional[str]]) -> None:
+def _plot_format(path: str) -> str:
     fmt = os.path.splitext(path)[1].lower().lstrip(".")
     if fmt not in ("png", "svg", "pdf"):
         raise UsageError(f"--plot {path}: the file must end in .png, .svg or .pdf")
+    return fmt
+
+
+def _write_plot(path: str, rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]], title: str,
+                inputs: list[Optional[str]]) -> None:
+    fmt = _plot_format(path)
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
@@ -422,7 +427,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .plan import Plan
     from .stages import find_conv_stages
 
-    if args.plot:
+    if args.plot:  # fail before the slow part
+        _plot_format(args.plot)
         check_output_path(args.plot, [args.model])
     with Progress(total=4, desc="inspect") as bar:
         bar.step("building the model")

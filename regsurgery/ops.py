@@ -236,6 +236,32 @@ def _window_max(t: torch.Tensor, dim: int, k: int) -> torch.Tensor:
     return t
 
 
+def _uniform(
+    shape: Tuple[Any, ...], dtype: torch.dtype, device: torch.device, generator: Optional[torch.Generator]
+) -> torch.Tensor:
+    # The generator overload of torch.rand takes no symbolic sizes: passing generator=None
+    # breaks torch.compile once the batch dimension becomes dynamic.
+    if generator is None:
+        return torch.rand(shape, dtype=dtype, device=device)
+    return torch.rand(shape, dtype=dtype, device=device, generator=generator)
+
+
+def _grow_blocks(seeds: torch.Tensor, kernel: Tuple[int, ...]) -> torch.Tensor:
+    """Turn a seed map over the valid region into the map of dropped units (1 = dropped).
+
+    Seed ``s`` zeroes ``[s, s + k - 1]`` in every dim: pad ``k - 1`` zeros on both sides and
+    take a stride-1 sliding max. Exact for odd and even ``k`` (no asymmetric max-pool padding to
+    fix up), and every block lies fully inside the map.
+    """
+    pad = []
+    for k in reversed(kernel):
+        pad += [k - 1, k - 1]
+    blocks = F.pad(seeds, pad)
+    for d, k in enumerate(kernel):
+        blocks = _window_max(blocks, d + 2, k)
+    return blocks
+
+
 def drop_path(
     x: torch.Tensor,
     p: float,
@@ -273,7 +299,7 @@ def drop_path(
         shape = (1,) * x.dim()
     # rand < keep rather than bernoulli_(keep): the latter specializes a compiled graph on the
     # value of p, so a rate schedule would recompile every step.
-    mask = torch.rand(shape, dtype=_mask_dtype(x), device=x.device, generator=generator).lt_(keep)
+    mask = _uniform(shape, _mask_dtype(x), x.device, generator).lt_(keep)
     if scale_by_keep and keep > 0.0:
         mask = mask.div_(keep)
     return x * mask.to(x.dtype)
@@ -310,15 +336,8 @@ def _drop_block(
         gamma = _cached_gamma(spatial, kernel, float(p))
 
     dtype = _mask_dtype(x)
-    seeds = torch.rand(seed_shape, dtype=dtype, device=x.device, generator=generator).lt_(gamma)
-    # Seed s zeroes [s, s + k - 1] in each dim: pad k - 1 zeros on both sides and take a
-    # stride-1 sliding max. Exact for odd and even k; every block lies fully inside the map.
-    pad = []
-    for k in reversed(kernel):
-        pad += [k - 1, k - 1]
-    blocks = F.pad(seeds, pad)
-    for d, k in enumerate(kernel):
-        blocks = _window_max(blocks, d + 2, k)
+    seeds = _uniform(seed_shape, dtype, x.device, generator).lt_(gamma)
+    blocks = _grow_blocks(seeds, kernel)
     keep = blocks.neg_().add_(1.0)
     # Rescale survivors by count so the mean is kept; an all-dropped mask stays all zeros.
     scale = keep.numel() / keep.sum().clamp_min(1.0)

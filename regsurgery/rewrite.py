@@ -99,8 +99,9 @@ def _insert_ops(graph: fx.Graph, scope: str, ops: list[tuple[str, PlannedOp]]) -
 
     current: dict[str, fx.Node] = {}  # anchor name -> node now carrying its value for all users
     per_user: dict[tuple[str, str], fx.Node] = {}
-    # All-uses ops first, so a later user-specific op sees the already transformed value.
-    ordered = sorted(ops, key=lambda item: item[1].user is not None)
+    # All-uses ops first, so a later user-specific op sees the already transformed value; skip
+    # ops last: they replace the add, so other ops on that add (DropBlock on the shortcut) go first.
+    ordered = sorted(ops, key=lambda item: (item[1].user is not None, bool(item[1].params.get("skip"))))
     for target, op in ordered:
         anchor = lookup(op.anchor, "anchor", op)
         if op.kind == "drop_path" and op.params.get("skip"):

@@ -46,11 +46,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .analysis import ResidualSite
 
 __all__ = [
     "ModuleCall",
@@ -151,7 +154,7 @@ class ConvStage:
     size: tuple[int, int]
     layout: str
     scopes: list[str] = field(default_factory=list)
-    sites: list[Any] = field(default_factory=list)
+    sites: list[ResidualSite] = field(default_factory=list)
     channels_last: list[str] = field(default_factory=list)
     widths: tuple[int, ...] = ()
 
@@ -186,7 +189,7 @@ class FeatureLayout:
     maps: list[FeatureMap]
     two_sizes: bool
     notes: list[str] = field(default_factory=list)
-    sites_outside: list[Any] = field(default_factory=list)
+    sites_outside: list[ResidualSite] = field(default_factory=list)
 
     @property
     def tokens(self) -> list[FeatureMap]:
@@ -633,7 +636,9 @@ def describe_feature_layout(
     in2: Optional[tuple[int, int]] = None
     paired: dict[tuple[str, int], ModuleCall] = {}
     if two_sizes:
-        big = F.interpolate(image, scale_factor=2.0, mode="nearest")
+        # One sample is enough to see which dims grow (dims 1-3 only are compared), unless other
+        # arguments may have to match the batch.
+        big = F.interpolate(image[:1] if len(args) == 1 else image, scale_factor=2.0, mode="nearest")
         try:
             calls2 = _run_recorded(model, (*args[:pos], big, *args[pos + 1 :]))
         except Exception as exc:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch.fx as fx
 from torch import nn
@@ -67,7 +67,16 @@ def is_drop_path_slot(module: nn.Module) -> bool:
 
 
 def is_library_module(module: nn.Module) -> bool:
-    """Modules that are never traced through: built-in layers, norms, regularizers, no-trace modules."""
+    """Modules that are leaves when their parent is traced: built-in layers, norms,
+    regularizers, BN+activation modules and modules registered as no-trace (timm)."""
+    if _is_builtin_module(module):
+        return True
+    notrace_modules, _ = _timm_notrace()
+    return bool(notrace_modules) and isinstance(module, notrace_modules)
+
+
+def _is_builtin_module(module: nn.Module) -> bool:
+    """Modules that hold no residual add of interest and are never traced on their own."""
     if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         return False
     if isinstance(module, (*_regularizer_types(), nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)):
@@ -76,9 +85,6 @@ def is_library_module(module: nn.Module) -> bool:
     if mod.startswith(("torch.nn", "torch.ao.nn", "torchvision.ops")):
         return True
     if is_drop_path_slot(module):
-        return True
-    notrace_modules, _ = _timm_notrace()
-    if notrace_modules and isinstance(module, notrace_modules):
         return True
     # BN+activation modules (timm BatchNormAct2d is a _NormBase subclass; others by name): tracing
     # through them freezes their train/eval branch and drops num_batches_tracked updates.
@@ -101,6 +107,24 @@ class BlockTracer(fx.Tracer):
         if self.policy == "children":
             return True
         return is_library_module(m)
+
+    # Record, for every node, the module whose forward created it (as torchvision's feature
+    # extraction tracer does): with the "library" policy custom children are inlined, and only
+    # the block's own nodes (scope "") are its own residual adds.
+    _scope: str = ""
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        outer = self._scope
+        self._scope = self.path_of_module(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._scope = outer
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta["regsurgery_scope"] = self._scope
+        return node
 
 
 @dataclass
@@ -170,11 +194,12 @@ def _has_own_forward(module: nn.Module) -> bool:
 def iter_block_graphs(model: nn.Module) -> Iterator[BlockGraph | TraceFailure]:
     """Trace every module of ``model`` that has its own forward, in registration order.
 
-    Library modules (``torch.nn`` layers, norms, regularizers) are skipped: they perform no
-    residual adds of interest. A module registered under two names is traced once.
+    Built-in modules (``torch.nn`` layers, norms, regularizers) are skipped: they perform no
+    residual adds of interest. Modules registered as no-trace are still tried on their own (they
+    are only leaves for their parents). A module registered under two names is traced once.
     """
     for scope, module in model.named_modules():
-        if is_library_module(module) or not _has_own_forward(module):
+        if _is_builtin_module(module) or not _has_own_forward(module):
             continue
         try:
             yield trace_block(module, scope)
@@ -200,6 +225,11 @@ def module_of(node: fx.Node, root: nn.Module) -> Optional[nn.Module]:
         return root.get_submodule(str(node.target))
     except AttributeError:
         return None
+
+
+def own_node(node: fx.Node) -> bool:
+    """Was this node created by the traced block's own forward (not an inlined child's)?"""
+    return node.meta.get("regsurgery_scope", "") == ""
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:

@@ -60,7 +60,12 @@ def test_stages_agree_with_timm_feature_info(name: str, kwargs: dict) -> None:
     maps = first_maps(layout)
     by_r = {s.reduction: s for s in layout.stages}
     assert [s.index for s in layout.stages] == list(range(1, len(layout.stages) + 1))
-    assert [s.reduction for s in layout.stages] == sorted(by_r)  # encoders only go down
+    # Indices follow execution: the first map of stage k+1 comes after the first of stage k.
+    first_seen: dict = {}
+    for pos, m in enumerate(layout.maps):
+        if m.kind == "map":
+            first_seen.setdefault(m.reduction, pos)
+    assert sorted(first_seen, key=first_seen.get) == [s.reduction for s in layout.stages]
     assert len(layout.stages) == len(model.feature_info)
     for k, info in enumerate(model.feature_info):
         stage_name, r = info["module"], info["reduction"]
@@ -116,6 +121,18 @@ def test_layouts_channels_last() -> None:
     # Window attention is not guessed into a stage: (windows*B, heads, N, N) or windows*B != B.
     assert not any(".attn." in s for st in layout.stages for s in st.scopes)
     assert layout.tokens
+
+
+def test_deep_map_produced_early_does_not_reorder_stages() -> None:
+    # PVT v2's spatial-reduction attention: a stride-8 conv on the stride-4 stage's map.
+    pvt = timm.create_model("pvt_v2_b0", pretrained=False)
+    layout = describe_feature_layout(pvt, image(64), sites=[])
+    assert [s.reduction for s in layout.stages] == [4, 8, 16, 32]
+    assert layout.stages[3].scopes[0] == "stages.0.blocks.0.attn.sr"  # the first r32 map
+    for k, info in enumerate(pvt.feature_info):
+        assert layout.stages[k].reduction == info["reduction"]
+        assert info["module"] in layout.stages[k].scopes
+    assert layout.tokens  # its attention runs on token sequences
 
 
 def test_vit_tokens_are_reported_not_staged() -> None:
