@@ -36,6 +36,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "find_conv_stages": ("stages", "find_conv_stages"),
     "ConvStage": ("stages", "ConvStage"),
+    "FeatureLayout": ("stages", "FeatureLayout"),
+    "describe_feature_layout": ("stages", "describe_feature_layout"),
     "RateSchedule": ("schedule", "RateSchedule"),
     "load": ("checkpoint", "load"),
     "export_onnx": ("export", "export_onnx"),
@@ -45,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import load
     from .export import export_onnx
     from .schedule import RateSchedule
-    from .stages import ConvStage, find_conv_stages
+    from .stages import ConvStage, FeatureLayout, describe_feature_layout, find_conv_stages
 
 
 def __getattr__(name: str) -> Any:
@@ -64,6 +66,7 @@ __all__ = [
     "DropBlock2d",
     "DropBlock3d",
     "DropPath",
+    "FeatureLayout",
     "NoSitesError",
     "Plan",
     "PlannedOp",
@@ -74,6 +77,7 @@ __all__ = [
     "apply_dropblock",
     "apply_plan",
     "apply_stochastic_depth",
+    "describe_feature_layout",
     "drop_block2d",
     "drop_block3d",
     "drop_path",

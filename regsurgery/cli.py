@@ -303,22 +303,33 @@ def _call_accepting(fn: Any, *args: Any, optional: Optional[dict[str, Any]] = No
     return fn(*args, **kwargs, **extra)
 
 
-def _make_plan(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, sites: Any = None) -> Any:
-    """The plan the options ask for (None when every rate is 0)."""
-    from .surgery import plan_dropblock, plan_stochastic_depth
+def _make_plan(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, sites: Any = None,
+               notes: Optional[list[str]] = None) -> Any:
+    """The plan the options ask for (None when every rate is 0). With ``notes`` (inspect), a part
+    that finds no place to go is noted there instead of failing the command."""
+    from .surgery import NoSitesError, plan_dropblock, plan_stochastic_depth
 
-    plan = None
+    parts = []
     if args.drop_path:
-        plan = _call_accepting(
+        parts.append(lambda: _call_accepting(
             plan_stochastic_depth, model, args.drop_path, schedule=args.schedule, mode=args.mode,
             include=args.include, exclude=args.exclude, optional={"sites": sites},
-        )
+        ))
     if args.drop_block:
-        blocks = _call_accepting(
+        parts.append(lambda: _call_accepting(
             plan_dropblock, model, args.drop_block, block_size=args.block_size, stages=tuple(args.stages),
             where=tuple(args.where), example_inputs=x, optional={"per_channel": args.per_channel},
-        )
-        plan = blocks if plan is None else plan + blocks
+        ))
+    plan = None
+    for make in parts:
+        try:
+            part = make()
+        except NoSitesError as e:
+            if notes is None:
+                raise
+            notes.append(str(e))
+            continue
+        plan = part if plan is None else plan + part
     return plan
 
 
@@ -439,7 +450,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         bar.step("finding conv stages")
         stages = _call_accepting(find_conv_stages, r.model, x, optional={"sites": sites})
         bar.step("planning")
-        plan = Plan.from_dict(r.recipe["plan"]) if r.recipe else _make_plan(r.model, args, x, sites)
+        notes: list[str] = []
+        plan = Plan.from_dict(r.recipe["plan"]) if r.recipe else _make_plan(r.model, args, x, sites, notes)
     rows = _site_rows(sites, stages, plan)
     stage_rows = _stage_rows(stages)
     shape = "x".join(str(s) for s in r.input_shape)
@@ -450,7 +462,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         doc = {
             "model": r.spec, "kwargs": r.kwargs, "class": type(r.model).__name__,
             "input_shape": list(r.input_shape), "sites": rows, "stages": stage_rows,
-            "plan": plan.to_dict() if plan is not None else None,
+            "plan": plan.to_dict() if plan is not None else None, "notes": notes,
         }
         print(json.dumps(doc, indent=2))
     else:
@@ -472,6 +484,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   ", ".join(s["sites"]) if len(s["sites"]) <= 4
                   else f"{s['sites'][0]} .. {s['sites'][-1]} ({len(s['sites'])})"] for s in stage_rows],
             ))
+        for note in notes:
+            print(f"note: {note}")
         if args.plot:
             print(f"wrote {args.plot}")
     return EXIT_OK

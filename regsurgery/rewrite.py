@@ -17,6 +17,7 @@ regularizers hold no parameters or buffers). :func:`strip` deletes the instance 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import linecache
 import types
@@ -283,14 +284,15 @@ def inserted_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def plan_of(model: nn.Module) -> Plan:
-    """The plan currently applied to ``model`` (inserted ops and changed slots)."""
+    """The plan currently applied to ``model`` (inserted ops and changed slots), with each
+    module's live rate: mid-training under a RateSchedule that is the ramped rate, not the target."""
     ops: list[PlannedOp] = []
     for m in model.modules():
         state: Optional[_PatchState] = m.__dict__.get(_STATE)
         if state is not None:
             for op in state.ops:
-                op.params["p"] = float(state.modules[op.key].p)
-                ops.append(op)
+                live = dict(op.params, p=float(state.modules[op.key].p))
+                ops.append(dataclasses.replace(op, params=live))
     for key, (attr, _orig) in (model.__dict__.get(_SLOTS) or {}).items():
         if "#" in key:
             continue

@@ -35,6 +35,7 @@ import functools
 import itertools
 import linecache
 import operator
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -112,6 +113,10 @@ def skip_drop_path(
     branch and masks it instead (same draws, same result, no saving). Not training or ``p == 0``:
     ``shortcut + branch(source)``. ``p == 1``: ``shortcut`` (a copy: callers may modify it in place).
 
+    Under ``torch.compile`` the host decision (``nonzero`` / ``item``) is a graph break. Dynamo
+    caches the code after it per code object, so one call site per distinct ``branch`` is best:
+    :class:`SkipDropPath` gives every site its own copy of this function.
+
     Args:
         shortcut: the other operand of the residual add, batch first.
         source: the value the branch is computed from (batch first, same batch size).
@@ -151,6 +156,21 @@ def skip_drop_path(
     return _scatter_add(shortcut, idx, y)
 
 
+def _code_copy(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+    """``fn`` with a code object of its own. torch.compile (dynamo) caches compiled frames, and the
+    resume functions after a graph break, per code object: one copy per site keeps each site's
+    guards (its branch) from evicting the others' (recompile_limit is 8)."""
+    code = fn.__code__
+    name = f"{code.co_name}__{label}"
+    changes: dict[str, Any] = {"co_name": name}
+    if hasattr(code, "co_qualname"):
+        changes["co_qualname"] = f"{code.co_qualname}__{label}"
+    new = types.FunctionType(code.replace(**changes), fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__doc__ = fn.__doc__
+    return new
+
+
 # ----------------------------------------------------------------------------------------------
 # module
 # ----------------------------------------------------------------------------------------------
@@ -175,8 +195,10 @@ class SkipDropPath(DropPath):
         self._checked_extras: tuple[int, ...] = ()
         self.branch_nodes: tuple[str, ...] = ()
         self.branch_code = ""
+        self._impl: Callable[..., torch.Tensor] = skip_drop_path  # a per-site copy once bound
         object.__setattr__(self, "_owner", None)  # never a registered submodule
 
+    # bind_skip_module installs a per-site copy of this method as the instance's ``forward``.
     def forward(self, shortcut: torch.Tensor, source: torch.Tensor, *extras: Any) -> torch.Tensor:  # type: ignore[override]
         fn = self._branch_fn
         owner = self._owner
@@ -188,8 +210,8 @@ class SkipDropPath(DropPath):
         branch = functools.partial(fn, owner)
         # An optional input (default None) given a tensor at run time may be per-sample: mask.
         row_safe = not any(isinstance(extras[i], torch.Tensor) for i in self._checked_extras)
-        return skip_drop_path(shortcut, source, branch, self.p, self.training, self.mode,
-                              self.scale_by_keep, extras, row_safe=row_safe)
+        return self._impl(shortcut, source, branch, self.p, self.training, self.mode,
+                          self.scale_by_keep, extras, None, row_safe)
 
     def extra_repr(self) -> str:
         nodes = "->".join(self.branch_nodes)
@@ -551,6 +573,10 @@ def bind_skip_module(module: nn.Module, block: nn.Module, graph: fx.Graph, op: P
     module._checked_extras = info.checked
     module.branch_nodes = info.nodes
     module.branch_code = src
+    label = f"site{next(_counter)}"
+    module._impl = _code_copy(skip_drop_path, label)
+    # Instance-level forward (like patched blocks): a bound method, so deepcopy rebinds it.
+    module.__dict__["forward"] = types.MethodType(_code_copy(SkipDropPath.forward, label), module)
     # The owner is a plain attribute: registering it would make a module cycle (state_dict,
     # named_modules, train() recursion); deepcopy of the model maps it to the copied block.
     object.__setattr__(module, "_owner", block)

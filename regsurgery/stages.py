@@ -310,6 +310,10 @@ def _declared_input(model: nn.Module) -> tuple[Optional[tuple[int, int, int]], s
         ):
             chw = (int(size[0]), int(size[1]), int(size[2]))
             source = "pretrained_cfg['input_size']"
+    declared = getattr(model, "default_input_size", None)  # plain models (regsurgery:example)
+    if chw is None and isinstance(declared, (tuple, list)) and len(declared) == 3:
+        chw = (int(declared[0]), int(declared[1]), int(declared[2]))
+        source = "default_input_size"
     conv = _first_conv2d(model)
     # A model built with another image size (timm's img_size=, torchvision's image_size) keeps
     # the pretrained cfg of the default one; the size its patch embedding was built for wins.

@@ -255,8 +255,12 @@ def plan_dropblock(
             )
         chosen.append(found[s - 1] if s > 0 else found[s])
     ops: list[PlannedOp] = []
+    skipped_stages: list[dict[str, Any]] = []
     for stage in chosen:
-        if getattr(stage, "layout", "NCHW") != "NCHW":
+        # "mixed": NCHW blocks with channels-last parts inside (ConvNeXt): the convs and the
+        # block-level skip are NCHW. Channels-last stages (Swin) have no NCHW map to drop blocks in.
+        if getattr(stage, "layout", "NCHW") not in ("NCHW", "mixed"):
+            skipped_stages.append({"index": stage.index, "layout": stage.layout})
             continue
         h, w = stage.size
         bs = max(1, min(block_size, h, w))
@@ -274,11 +278,12 @@ def plan_dropblock(
     if not ops:
         raise NoSitesError(
             f"the chosen stages {tuple(stages)} of {type(model).__name__} hold no residual site with "
-            "an NCHW feature map; check find_conv_stages(model)"
+            f"an NCHW feature map (skipped channels-last stages: {skipped_stages}); check "
+            "find_conv_stages(model)"
         )
     meta = {"drop_block": {"rate": rate, "block_size": block_size, "stages": list(stages),
                            "where": list(where), "per_channel": per_channel,
-                           "stage_index": [s.index for s in chosen]}}
+                           "stage_index": [s.index for s in chosen], "skipped_stages": skipped_stages}}
     return Plan(ops=ops, meta=meta)
 
 

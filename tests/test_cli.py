@@ -182,6 +182,20 @@ def test_negative_stages_with_space_and_equals(tmp_path, capsys):
         assert n == (2 if form[-1] == "-1" else 4), form
 
 
+def test_model_without_residuals_inspects_but_does_not_patch(tmp_path, capsys):
+    code, out, err = run(capsys, "inspect", "torchvision:squeezenet1_1", "--input-shape", "1,3,96,96",
+                         "--format", "json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["sites"] == [] and doc["plan"] is None and len(doc["stages"]) >= 3
+    assert "no residual sites found in SqueezeNet" in doc["notes"][0]
+    out_path = tmp_path / "sq.pt"
+    code, _, err = run(capsys, "patch", "torchvision:squeezenet1_1", "--input-shape", "1,3,96,96",
+                       "--drop-path", "0.1", "--out", str(out_path))
+    assert code == 1 and "no residual sites found in SqueezeNet" in one_line_error(err)
+    assert os.listdir(tmp_path) == []
+
+
 # --------------------------------------------------------------------------- checkpoints
 def test_ddp_prefix_and_model_ema_nesting(tmp_path, capsys, weights):
     sd = weights[1]
