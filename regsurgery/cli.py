@@ -40,6 +40,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import (
     OutputPathError,
+    atomic_output,
     atomic_write_bytes,
     check_output_path,
     load_patched,
@@ -557,15 +558,25 @@ def cmd_export(args: argparse.Namespace) -> int:
         bar.step("building the model")
         r = _resolve(args, apply_stored_plan=True)
     x = _example(r.input_shape)
-    for name, path in targets:
-        with Progress(total=4, desc=f"export {name}") as bar:
-            if name == "onnx":
-                report = export_onnx(r.model, x, path, opset=args.opset, tolerance=args.tolerance,
-                                     inputs=inputs, progress=bar)
-            elif name == "torchscript":
-                report = export_torchscript(r.model, x, path, tolerance=args.tolerance, inputs=inputs, progress=bar)
-            else:
-                report = export_pt2(r.model, x, path, tolerance=args.tolerance, inputs=inputs, progress=bar)
+    reports = []
+    # All or nothing: every artifact is staged next to its destination and the renames happen only
+    # once every export has passed its checks; a failure removes all staged files.
+    with contextlib.ExitStack() as stack:
+        for name, path in targets:
+            staged = stack.enter_context(atomic_output(path, inputs))
+            with Progress(total=4, desc=f"export {name}") as bar:
+                if name == "onnx":
+                    report = export_onnx(r.model, x, staged, opset=args.opset, tolerance=args.tolerance,
+                                         inputs=inputs, progress=bar)
+                elif name == "torchscript":
+                    report = export_torchscript(r.model, x, staged, tolerance=args.tolerance, inputs=inputs,
+                                                progress=bar)
+                else:
+                    report = export_pt2(r.model, x, staged, tolerance=args.tolerance, inputs=inputs,
+                                        progress=bar)
+            report.path = path
+            reports.append(report)
+    for report in reports:
         for line in report.lines():
             print(line)
     return EXIT_OK
@@ -590,10 +601,15 @@ def _one_line(e: BaseException) -> str:
 def _quiet_warnings(debug: bool) -> Iterator[None]:
     # Library deprecation chatter (torch.jit, legacy exporters, timm) is not the user's problem;
     # --debug shows everything.
+    def one_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                 line: Optional[str] = None) -> None:
+        print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
     with warnings.catch_warnings():
         if not debug:
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.showwarning = one_line  # restored by catch_warnings
         yield
 
 

@@ -130,7 +130,9 @@ def test_patch_message(tmp_path, capsys):
 
 
 def test_load_rebuilds_the_patched_model(patched, weights):
-    model = load(patched)
+    import regsurgery
+
+    model = regsurgery.load(patched)
     assert isinstance(model, TinyResNet) and model.training and is_patched(model)
     mods = inserted_modules(model)
     assert sum(type(m).__name__ == "DropPath" for m in mods.values()) == 8
@@ -351,6 +353,21 @@ def test_failed_export_leaves_no_partial_output(tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "export", "--onnx", str(out))
     assert code == 1 and "random/dropout nodes (n0 (Bernoulli))" in one_line_error(err)
     assert os.listdir(tmp_path) == []
+
+
+def test_export_is_all_or_nothing(tmp_path, capsys, monkeypatch):
+    import regsurgery.export as export_mod
+
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("simulated torch.export failure")
+
+    monkeypatch.setattr(export_mod.torch.export, "export", failing_export)
+    old = tmp_path / "m.ts"
+    old.write_bytes(b"previous")
+    code, _, err = run(capsys, "export", "--torchscript", str(old), "--pt2", str(tmp_path / "m.pt2"))
+    assert code == 1 and "simulated torch.export failure" in one_line_error(err)
+    # the TorchScript export succeeded first, yet nothing of this run is left
+    assert sorted(os.listdir(tmp_path)) == ["m.ts"] and old.read_bytes() == b"previous"
 
 
 # --------------------------------------------------------------------------- progress
