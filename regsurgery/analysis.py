@@ -38,6 +38,8 @@ from torch import nn
 from .tracing import (
     BlockGraph,
     TraceFailure,
+    capture_block_inputs,
+    example_from_spec,
     is_drop_path_slot,
     is_library_module,
     iter_block_graphs,
@@ -106,6 +108,7 @@ class ResidualSite:
     existing: Optional[str] = None  # qualified name of an existing DropPath/StochasticDepth slot
     existing_attr: Optional[str] = None  # its rate attribute ("drop_prob" for timm, "p" otherwise)
     trace_policy: str = "children"
+    trace_example: Optional[dict[str, Any]] = None  # example-argument spec of a specialized trace
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -391,20 +394,67 @@ def analyse_block(block: BlockGraph, costs: Optional[_Costs] = None) -> list[dic
         info.update(
             add=node.name, branch=info["branch"].name, shortcut=info["shortcut"].name,
             existing=existing, existing_attr=attr, trace_policy=block.policy,
+            trace_example=block.example,
         )
         found.append(info)
     return found
 
 
+def _specialize_failures(
+    model: nn.Module, items: list[Union[BlockGraph, TraceFailure]], example_inputs: Any
+) -> list[Union[BlockGraph, TraceFailure]]:
+    """Retrace blocks that failed on control flow, specialized on example arguments."""
+    failed = [i.scope for i in items if isinstance(i, TraceFailure) and "control flow" in i.reason]
+    if not failed:
+        return items
+    try:
+        if example_inputs is None:
+            from .stages import infer_example_input
+
+            x = infer_example_input(model)
+            # batch 2, so no decision is specialized on a batch of one
+            example_inputs = x.expand(2, *x.shape[1:]).clone() if x.shape[0] == 1 else x
+        specs = capture_block_inputs(model, failed, example_inputs)
+    except Exception as exc:
+        note = f"; a specialized trace needs example_inputs ({type(exc).__name__}: {str(exc)[:120]})"
+        return [TraceFailure(i.scope, i.type_name, i.reason + note)
+                if isinstance(i, TraceFailure) and i.scope in failed else i for i in items]
+    out: list[Union[BlockGraph, TraceFailure]] = []
+    for item in items:
+        spec = specs.get(item.scope) if isinstance(item, TraceFailure) else None
+        if spec is None:
+            if isinstance(item, TraceFailure) and item.scope in failed:
+                item = TraceFailure(item.scope, item.type_name,
+                                    item.reason + "; not called by the example forward")
+            out.append(item)
+            continue
+        module = model if item.scope == "" else model.get_submodule(item.scope)
+        try:
+            block = trace_block(module, item.scope, example=example_from_spec(spec))
+        except Exception as exc:
+            out.append(TraceFailure(item.scope, item.type_name,
+                                    f"{item.reason}; specialized trace: {type(exc).__name__}: {str(exc)[:120]}"))
+            continue
+        block.example = spec
+        out.append(block)
+    return out
+
+
 def residual_report(
     model_or_blocks: Union[nn.Module, Iterable[Union[BlockGraph, TraceFailure]]],
+    example_inputs: Optional[Any] = None,
 ) -> SiteReport:
-    """All residual sites of a model, with the modules that could not be traced."""
-    items = (
-        iter_block_graphs(model_or_blocks)
-        if isinstance(model_or_blocks, nn.Module)
-        else model_or_blocks
-    )
+    """All residual sites of a model, with the modules that could not be traced.
+
+    Blocks whose forward fails symbolic tracing on control flow are traced again specialized on
+    their arguments from one real forward of ``example_inputs`` (inferred when possible, see
+    :func:`regsurgery.stages.infer_example_input`); guards in the patched forward raise a clear
+    error if another input would take another branch.
+    """
+    if isinstance(model_or_blocks, nn.Module):
+        items = _specialize_failures(model_or_blocks, list(iter_block_graphs(model_or_blocks)), example_inputs)
+    else:
+        items = list(model_or_blocks)
     sites: list[ResidualSite] = []
     skipped: list[TraceFailure] = []
     traced = 0
@@ -428,9 +478,8 @@ def find_residual_sites(
 
     Each module with a forward of its own is traced alone (block-local tracing, see
     :mod:`regsurgery.tracing`), so models that do not trace as a whole still get their blocks
-    analysed; :func:`residual_report` also lists what could not be traced. ``example_inputs``
-    is accepted for symmetry with :func:`regsurgery.find_conv_stages`; detection does not need
-    one. The model is not modified.
+    analysed; :func:`residual_report` also lists what could not be traced. Blocks that fail on
+    control flow are traced specialized on their arguments from one forward of
+    ``example_inputs`` (inferred from the model when possible). The model is not modified.
     """
-    del example_inputs  # detection is symbolic
-    return residual_report(model).sites
+    return residual_report(model, example_inputs).sites

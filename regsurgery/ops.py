@@ -10,7 +10,8 @@ keep their rate in a plain float attribute ``p`` that schedules may reassign bet
 are the identity in eval mode, so an eval-mode export contains no random nodes.
 
 DropBlock rate calibration. Seeds are drawn with rate ``gamma`` only where a whole
-``k x k`` block fits (the valid region); each seed zeroes the block whose top-left corner it is.
+``k x k`` block fits: valid seed ``s`` zeroes ``[s, s + k - 1]`` per dimension, i.e. the block
+centred at ``s + (k - 1) / 2``, which lies fully inside the map for odd and even ``k``.
 A unit covered by ``c`` valid seed positions survives with probability ``(1 - gamma)^c``, so the
 realized drop fraction of a map is exactly::
 

@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from .plan import Plan, PlannedOp, check_rate
-from .tracing import get_submodule, trace_block
+from .tracing import example_from_spec, get_submodule, trace_block
 
 __all__ = ["apply_plan", "strip", "is_patched", "inserted_modules", "patched_scopes", "PlanMismatchError"]
 
@@ -56,6 +56,17 @@ def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if self.training:
         return self._regsurgery_patch.train_forward(self, *args, **kwargs)
     return type(self).forward(self, *args, **kwargs)
+
+
+def _own_patched_forward() -> Callable[..., Any]:
+    # One code object per patched block: dynamo caches frames per code object, and a graph break
+    # inside a block (skip mode) compiles this frame once per block, past recompile_limit (8).
+    code = _patched_forward.__code__
+    name = f"_patched_forward__{next(_counter)}"
+    changes: dict[str, Any] = {"co_name": name}
+    if hasattr(code, "co_qualname"):
+        changes["co_qualname"] = name
+    return types.FunctionType(code.replace(**changes), _patched_forward.__globals__, name)
 
 
 def _make_module(op: PlannedOp) -> nn.Module:
@@ -189,7 +200,8 @@ def _prepare_block(model: nn.Module, scope: str, new_ops: list[PlannedOp]) -> tu
         named.append((f"{CONTAINER}.{short}{counts[op.kind]}", op))
         counts[op.kind] += 1
     policy = ops[0].params.get("trace_policy") if ops else None
-    traced = trace_block(block, scope, policy=policy)
+    spec = ops[0].params.get("trace_example") if ops else None
+    traced = trace_block(block, scope, policy=policy, example=example_from_spec(spec) if spec else None)
     _insert_ops(traced.graph, scope, named)
     train_forward, source = _compile_forward(traced.graph, scope)
     for op in ops:
@@ -215,7 +227,7 @@ def _install(block: nn.Module, state: _PatchState) -> None:
             )
     block._modules[CONTAINER] = container
     block.__dict__[_STATE] = state
-    block.__dict__["forward"] = types.MethodType(_patched_forward, block)
+    block.__dict__["forward"] = types.MethodType(_own_patched_forward(), block)
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:

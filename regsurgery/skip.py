@@ -47,7 +47,15 @@ from torch import nn
 from .analysis import _MAX_PROJECTION_CHAIN, ResidualSite, _Dataflow, _is_add
 from .ops import DropPath, _check_mode, _check_p, _mask_dtype
 from .plan import PlannedOp
-from .tracing import get_submodule, is_library_module, module_of, qualified, tensor_inputs, trace_block
+from .tracing import (
+    example_from_spec,
+    get_submodule,
+    is_library_module,
+    module_of,
+    qualified,
+    tensor_inputs,
+    trace_block,
+)
 
 __all__ = [
     "skip_drop_path",
@@ -476,7 +484,9 @@ def skip_blocker(model: nn.Module, site: ResidualSite, mode: str) -> Optional[st
     """
     _check_mode(mode)
     block = get_submodule(model, site.scope)
-    graph = trace_block(block, site.scope, policy=site.trace_policy).graph
+    spec = getattr(site, "trace_example", None)  # blocks traced specialized on example inputs
+    example = example_from_spec(spec) if spec else None
+    graph = trace_block(block, site.scope, policy=site.trace_policy, example=example).graph
     nodes = {n.name: n for n in graph.nodes}
     if site.branch not in nodes or site.add not in nodes:
         return f"the block graph has no node {site.branch!r} / {site.add!r} (model changed since analysis?)"

@@ -601,10 +601,10 @@ def _image_arg(args: tuple[Any, ...]) -> Optional[int]:
 # ----------------------------------------------------------------------------- stages
 
 
-def _find_sites(model: nn.Module) -> list[Any]:
+def _find_sites(model: nn.Module, example_inputs: Any) -> list[Any]:
     from .analysis import find_residual_sites
 
-    return list(find_residual_sites(model))
+    return list(find_residual_sites(model, example_inputs))
 
 
 def describe_feature_layout(
@@ -664,7 +664,7 @@ def describe_feature_layout(
         notes.append(f"{len(inexact)} maps have sizes that are not input/r exactly (valid padding)")
 
     stages = _group(maps)
-    sites_list = _find_sites(model) if sites is None else list(sites)
+    sites_list = _find_sites(model, None if inferred else example_inputs) if sites is None else list(sites)
     outside = _assign_sites(stages, maps, sites_list)
     return FeatureLayout(
         input_shape=tuple(int(s) for s in image.shape),

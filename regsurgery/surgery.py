@@ -13,7 +13,7 @@ from torch import nn
 from .analysis import ResidualSite, residual_report
 from .plan import Plan, PlannedOp, ScheduleFn, check_rate, depth_rates, scope_selected
 from .rewrite import apply_plan
-from .tracing import get_submodule, module_of, trace_block
+from .tracing import example_from_spec, get_submodule, module_of, trace_block
 
 __all__ = [
     "plan_stochastic_depth",
@@ -45,6 +45,7 @@ def plan_stochastic_depth(
     exclude: Patterns = None,
     *,
     skip_dropped: bool = False,
+    example_inputs: Optional[Any] = None,
     sites: Optional[list[ResidualSite]] = None,
 ) -> Plan:
     """Plan one DropPath per residual call site, rates by depth (see :func:`apply_stochastic_depth`).
@@ -55,7 +56,7 @@ def plan_stochastic_depth(
     rate = check_rate("rate", rate)
     if mode not in DROP_PATH_MODES:
         raise ValueError(f"mode must be one of {DROP_PATH_MODES}, got {mode!r}")
-    report = residual_report(model) if sites is None else None
+    report = residual_report(model, example_inputs) if sites is None else None
     all_sites = sites if sites is not None else report.sites
     if not all_sites:
         why = ""
@@ -105,7 +106,8 @@ def plan_stochastic_depth(
             ops.append(PlannedOp(
                 kind="drop_path", scope=site.scope, anchor=site.branch, user=site.add, role="branch",
                 depth=site.depth, site=site.index,
-                params={"p": p, "mode": mode, "trace_policy": site.trace_policy, "skip": skip},
+                params={"p": p, "mode": mode, "trace_policy": site.trace_policy,
+                        "trace_example": site.trace_example, "skip": skip},
             ))
     if selected == 0:
         raise NoSitesError(
@@ -139,6 +141,7 @@ def apply_stochastic_depth(
     *,
     inplace: bool = True,
     skip_dropped: bool = False,
+    example_inputs: Optional[Any] = None,
 ) -> nn.Module:
     """Give ``model`` stochastic depth (Huang et al., ECCV 2016): ``out = s + m * f(x) / (1-p)``.
 
@@ -160,8 +163,13 @@ def apply_stochastic_depth(
     on the kept samples only (gather, branch, scatter-add). A branch with a cross-sample op
     (train-mode BatchNorm, ...) falls back to masking for that site; a warning and the plan's
     ``meta["drop_path"]["skip_fallbacks"]`` say which and why.
+
+    ``example_inputs`` is only needed for blocks that do not trace symbolically (control flow on
+    shapes): they are traced specialized on one forward of it (inferred from the model when
+    possible), with run-time guards.
     """
-    plan = plan_stochastic_depth(model, rate, schedule, mode, include, exclude, skip_dropped=skip_dropped)
+    plan = plan_stochastic_depth(model, rate, schedule, mode, include, exclude,
+                                 skip_dropped=skip_dropped, example_inputs=example_inputs)
     model = _maybe_copy(model, inplace)
     existing = plan.meta["drop_path"]["existing_slots"]
     fallbacks = plan.meta["drop_path"]["skip_fallbacks"]
@@ -206,7 +214,8 @@ def _after_conv_anchor(node: fx.Node, block: nn.Module) -> fx.Node:
 
 
 def _branch_conv_anchors(block: nn.Module, scope: str, site: ResidualSite) -> list[str]:
-    graph = trace_block(block, scope, policy=site.trace_policy).graph
+    example = example_from_spec(site.trace_example) if site.trace_example else None
+    graph = trace_block(block, scope, policy=site.trace_policy, example=example).graph
     body = set(site.branch_nodes)
     anchors = []
     for node in graph.nodes:
@@ -270,11 +279,11 @@ def plan_dropblock(
             common = dict(kind="drop_block", scope=site.scope, depth=site.depth, site=site.index)
             if "branch" in where:
                 for anchor in _branch_conv_anchors(block, site.scope, site):
-                    ops.append(PlannedOp(anchor=anchor, user=None, role="conv",
-                                         params={**params, "trace_policy": site.trace_policy}, **common))
+                    ops.append(PlannedOp(anchor=anchor, user=None, role="conv", params=dict(
+                        params, trace_policy=site.trace_policy, trace_example=site.trace_example), **common))
             if "skip" in where:
-                ops.append(PlannedOp(anchor=site.shortcut, user=site.add, role="skip",
-                                     params={**params, "trace_policy": site.trace_policy}, **common))
+                ops.append(PlannedOp(anchor=site.shortcut, user=site.add, role="skip", params=dict(
+                    params, trace_policy=site.trace_policy, trace_example=site.trace_example), **common))
     if not ops:
         raise NoSitesError(
             f"the chosen stages {tuple(stages)} of {type(model).__name__} hold no residual site with "

@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -36,6 +37,10 @@ __all__ = [
     "iter_block_graphs",
     "is_library_module",
     "is_drop_path_slot",
+    "SpecializingTracer",
+    "capture_block_inputs",
+    "example_spec",
+    "example_from_spec",
 ]
 
 #: Leaf policies, tried in this order. "children": every submodule is a leaf.
@@ -127,6 +132,123 @@ class BlockTracer(fx.Tracer):
         return node
 
 
+_UNKNOWN = object()
+
+
+def _specialization_guard(value: Any, expected: bool, where: str) -> None:
+    """Run time check of a control-flow decision that a specialized trace fixed (see below)."""
+    if bool(value) != expected:
+        raise RuntimeError(
+            f"regsurgery: {where} was traced for inputs where a control-flow condition was "
+            f"{expected}, but it is {not expected} for this input (another input size?). Re-apply "
+            "the surgery with example_inputs shaped like the training inputs, or strip the model"
+        )
+
+
+class SpecializingTracer(BlockTracer):
+    """A block tracer that also runs the block on example arguments, node by node.
+
+    Every proxy carries the concrete value its node has for the example, so control flow on a
+    proxy (``if H == self.window_size``, ``if pad_h > 0``) takes the example's branch instead of
+    failing. Each such decision is recorded as a guard node that re-checks it at run time and
+    raises a clear error if another input would take the other branch: the graph is specialized,
+    never silently wrong. Shapes stay symbolic, so a new batch size is fine.
+    """
+
+    def __init__(self, policy: str, example_args: tuple, example_kwargs: dict, where: str) -> None:
+        super().__init__(policy)
+        self._example_args = list(example_args)
+        self._example_kwargs = dict(example_kwargs)
+        self._where = where
+        self.guards: list[tuple[fx.Node, bool]] = []
+        self._concrete_depth = 0  # > 0 while running real code for example values
+
+    # fx patches nn.Module.__call__ / __getattr__ while tracing; computing an example value runs
+    # real modules, which must then pass straight through to the originals.
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if self._concrete_depth:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._concrete_depth:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # type: ignore[override]
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        proxy.node.meta["regsurgery_value"] = self._value(kind, target, args, kwargs)
+        return proxy
+
+    def _concrete(self, obj: Any) -> Any:
+        def conv(a: Any) -> Any:
+            if isinstance(a, fx.Proxy):
+                value = a.node.meta.get("regsurgery_value", _UNKNOWN)
+                if value is _UNKNOWN:
+                    raise LookupError
+                return value
+            return a
+
+        return fx.node.map_aggregate(obj, conv)
+
+    def _value(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            if kind == "placeholder":
+                name = str(target).lstrip("*")
+                if name in self._example_kwargs:
+                    return self._example_kwargs[name]
+                return self._example_args.pop(0) if self._example_args else _UNKNOWN
+            if kind == "get_attr":
+                return _get_attr_path(self.root, str(target))
+            cargs, ckwargs = self._concrete(args), self._concrete(kwargs)
+            self._concrete_depth += 1
+            try:
+                return self._run(kind, target, cargs, ckwargs)
+            finally:
+                self._concrete_depth -= 1
+        except Exception:  # any op the example cannot run: unknown, and control flow on it fails
+            return _UNKNOWN
+
+    def _run(self, kind: str, target: Any, cargs: Any, ckwargs: Any) -> Any:
+        with torch.no_grad():
+            if kind == "call_function":
+                return target(*cargs, **ckwargs)
+            if kind == "call_method":
+                return getattr(cargs[0], target)(*cargs[1:], **ckwargs)
+            if kind == "call_module":
+                module = self.root.get_submodule(str(target))
+                # Eval mode: computing example values must not move BatchNorm statistics.
+                with _training_flags(module, False):
+                    return module(*cargs, **ckwargs)
+        return _UNKNOWN
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = obj.node.meta.get("regsurgery_value", _UNKNOWN)
+        if value is _UNKNOWN:
+            return super().to_bool(obj)
+        decision = bool(value)
+        self.guards.append((obj.node, decision))
+        return decision
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        value = obj.node.meta.get("regsurgery_value", _UNKNOWN)
+        if value is _UNKNOWN or not isinstance(value, (tuple, list, torch.Size)):
+            return super().iter(obj)
+        return iter([obj[i] for i in range(len(value))])
+
+    def insert_guards(self, graph: fx.Graph) -> None:
+        for node, decision in self.guards:
+            with graph.inserting_after(node):
+                graph.call_function(_specialization_guard, (node, decision, self._where))
+
+
+def _get_attr_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 @dataclass
 class BlockGraph:
     """The fx graph of one module's own forward, traced in train mode."""
@@ -135,6 +257,7 @@ class BlockGraph:
     module: nn.Module
     graph: fx.Graph
     policy: str
+    example: Optional[dict[str, Any]] = None  # example-argument spec of a specialized trace
 
     def node(self, name: str) -> fx.Node:
         for n in self.graph.nodes:
@@ -165,26 +288,112 @@ def _training_flags(module: nn.Module, training: bool) -> Iterator[None]:
             m.training = flag
 
 
-def trace_block(module: nn.Module, scope: str = "", policy: Optional[str] = None) -> BlockGraph:
+def trace_block(
+    module: nn.Module,
+    scope: str = "",
+    policy: Optional[str] = None,
+    example: Optional[tuple[tuple, dict]] = None,
+) -> BlockGraph:
     """Trace ``module``'s own (class) forward in train mode.
 
     ``policy=None`` tries each leaf policy in :data:`POLICIES` order and keeps the first that
     works, so the same module always gets the same graph (and the same node names): a Plan
-    refers to nodes by name. Raises the last tracing error if no policy works.
+    refers to nodes by name. With ``example=(args, kwargs)`` the trace is specialized on those
+    arguments (:class:`SpecializingTracer`; policies are then named ``"specialized:<policy>"``).
+    Raises the last tracing error if no policy works.
     """
+    if policy is not None and policy.startswith("specialized:"):
+        policy = policy.split(":", 1)[1]
+        if example is None:
+            raise ValueError(f"scope {scope!r} was traced specialized on example arguments; pass them")
     policies = POLICIES if policy is None else (policy,)
     last_error: Optional[BaseException] = None
     for pol in policies:
-        tracer = BlockTracer(pol)
+        where = f"block {scope or '<root>'} ({type(module).__name__})"
+        tracer = BlockTracer(pol) if example is None else SpecializingTracer(pol, *example, where=where)
         try:
             with _training_flags(module, True):
                 graph = tracer.trace(module)
         except Exception as exc:  # fx raises many types: TraceError, TypeError, NameError, ...
             last_error = exc
             continue
+        if isinstance(tracer, SpecializingTracer):
+            tracer.insert_guards(graph)
+            pol = f"specialized:{pol}"
         return BlockGraph(scope=scope, module=module, graph=graph, policy=pol)
     assert last_error is not None
     raise last_error
+
+
+# ----------------------------------------------------------------------------- example arguments
+#
+# A specialized trace needs the block's arguments. They are captured once from a real forward and
+# kept in the Plan as plain data (shapes and dtypes, or JSON values); analysis and rewrite both
+# rebuild them from that spec with a fixed seed, so both see the same graph.
+
+
+def example_spec(args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
+    """Plain-data description of example arguments, or None if one cannot be described."""
+
+    def one(v: Any) -> Optional[dict[str, Any]]:
+        if isinstance(v, torch.Tensor):
+            return {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return {"value": v}
+        if isinstance(v, (tuple, list)) and all(x is None or isinstance(x, (bool, int, float, str)) for x in v):
+            return {"value": list(v), "tuple": isinstance(v, tuple)}
+        return None
+
+    spec_args = [one(a) for a in args]
+    spec_kwargs = {k: one(v) for k, v in kwargs.items()}
+    if any(a is None for a in spec_args) or any(v is None for v in spec_kwargs.values()):
+        return None
+    return {"args": spec_args, "kwargs": spec_kwargs}
+
+
+def example_from_spec(spec: dict[str, Any], device: Optional[torch.device] = None) -> tuple[tuple, dict]:
+    """Rebuild example arguments from :func:`example_spec` (tensors drawn with a fixed seed)."""
+    g = torch.Generator().manual_seed(0)
+
+    def one(d: dict[str, Any]) -> Any:
+        if "shape" in d:
+            dtype = getattr(torch, d["dtype"])
+            if dtype.is_floating_point:
+                t = torch.randn(d["shape"], generator=g).to(dtype)
+            elif dtype == torch.bool:
+                t = torch.zeros(d["shape"], dtype=torch.bool)
+            else:
+                t = torch.zeros(d["shape"], dtype=dtype)
+            return t.to(device) if device is not None else t
+        value = d["value"]
+        return tuple(value) if d.get("tuple") else value
+
+    return tuple(one(a) for a in spec["args"]), {k: one(v) for k, v in spec["kwargs"].items()}
+
+
+def capture_block_inputs(
+    model: nn.Module, scopes: list[str], example_inputs: Any
+) -> dict[str, dict[str, Any]]:
+    """Run ``model`` once (eval, no grad) and describe the first call's arguments of each scope."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    wanted = {id(get_submodule(model, s)): s for s in scopes}
+    found: dict[str, dict[str, Any]] = {}
+
+    def hook(module: nn.Module, a: tuple, kw: dict) -> None:
+        scope = wanted.get(id(module))
+        if scope is not None and scope not in found:
+            spec = example_spec(a, kw)
+            if spec is not None:
+                found[scope] = spec
+
+    handles = [get_submodule(model, s).register_forward_pre_hook(hook, with_kwargs=True) for s in scopes]
+    try:
+        with _training_flags(model, False), torch.no_grad():
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 def _has_own_forward(module: nn.Module) -> bool:

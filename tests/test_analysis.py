@@ -56,21 +56,68 @@ def test_decoys_are_not_residual(cls):
     assert find_residual_sites(cls()) == []
 
 
-def test_untraceable_parts_reported_and_rest_found():
+def test_untraceable_blocks_are_traced_specialized():
     model = tm.Net()
-    report = residual_report(model)
-    skipped = {f.scope for f in report.skipped}
-    assert skipped == {"", "stage2.2"}  # the root and the data-dependent block
-    assert all("TraceError" in f.reason or "control flow" in f.reason for f in report.skipped)
+    report = residual_report(model, torch.randn(2, 3, 16, 16))
+    assert report.skipped == []
     scopes = [s.scope for s in report.sites]
-    # every traceable residual block, once, in registration order; the inner block of the
-    # untraceable one still traces; the RepVGG-style block has no site
+    # every residual block, once, in registration order; the RepVGG-style block has no site
     assert scopes == [
-        "stage1.0", "stage1.1", "stage1.2", "stage2.0", "stage2.1", "stage2.2.inner",
+        "stage1.0", "stage1.1", "stage1.2", "stage2.0", "stage2.1", "stage2.2", "stage2.2.inner",
         "stage3.0", "stage3.1",
     ]
-    assert [s.depth for s in report.sites] == list(range(8))
-    assert [s.index for s in report.sites] == list(range(8))
+    policies = {s.scope: s.trace_policy for s in report.sites}
+    assert policies["stage2.2"] == "specialized:children"  # data-dependent `if`: specialized
+    assert policies["stage2.1"] == "children"
+    assert report.sites[5].trace_example == {"args": [{"shape": [2, 16, 8, 8], "dtype": "float32"}],
+                                             "kwargs": {}}
+    assert [s.depth for s in report.sites] == list(range(9))
+
+
+class _ShapeSwitch(nn.Module):
+    """A residual block whose forward branches on the input size: fx cannot trace it symbolically."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, d)
+        self.fc2 = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > 4:
+            return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+        return x + self.fc1(x)
+
+
+class _TokenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _ShapeSwitch()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+def test_untraceable_without_example_is_reported_not_raised():
+    report = residual_report(_TokenNet())  # no conv, no cfg: no example input can be inferred
+    assert [f.scope for f in report.skipped] == ["block"]
+    assert "example_inputs" in report.skipped[0].reason
+    assert report.sites == []
+
+
+def test_specialized_trace_has_run_time_guards():
+    from regsurgery import apply_stochastic_depth
+
+    model = _TokenNet()
+    (site,) = find_residual_sites(model, torch.randn(2, 6, 8))
+    assert site.trace_policy == "specialized:children"
+    apply_stochastic_depth(model, rate=0.5, example_inputs=torch.randn(2, 6, 8))
+    model.train()
+    model(torch.randn(3, 7, 8))  # another batch and length: same branch, fine
+    with pytest.raises(RuntimeError, match="Re-apply the surgery with example_inputs"):
+        model(torch.randn(3, 2, 8))  # the other branch: refused, never silently wrong
+    model.eval()
+    model(torch.randn(3, 2, 8))  # eval runs the class forward: no guard needed
 
 
 def test_detection_does_not_mutate():

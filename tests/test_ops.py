@@ -143,7 +143,7 @@ def test_calibration_edges_and_cache():
 
 @pytest.mark.parametrize("spatial", [(7, 7), (14, 14), (56, 56), (9, 13), (4, 6, 8)])
 @pytest.mark.parametrize("bs", [1, 2, 3, 5, 7])
-@pytest.mark.parametrize("p", [0.05, 0.2, 0.6])
+@pytest.mark.parametrize("p", [0.05, 0.2, 0.6, 0.9999, 1.0])
 def test_traced_gamma_matches_float_solver(spatial, bs, p):
     kernel = tuple(min(bs, s) for s in spatial)
     traced = _traced_gamma(spatial, kernel, p, torch.device("cpu")).item()
@@ -507,6 +507,8 @@ def _compile_counts(module: nn.Module, shape: tuple, backend: str) -> int:
         out = compiled(x)
         out.sum().backward()
         assert out.shape == x.shape
+    module.p = 1.0
+    assert torch.equal(compiled(x), torch.zeros_like(x))
     module.eval()
     assert torch.equal(compiled(x), x)
     return counter.frame_count
