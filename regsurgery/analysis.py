@@ -430,7 +430,7 @@ def _specialize_failures(
             continue
         module = model if item.scope == "" else model.get_submodule(item.scope)
         try:
-            block = trace_block(module, item.scope, example=example_from_spec(spec))
+            block = trace_block(module, item.scope, example=example_from_spec(spec, module))
         except Exception as exc:
             out.append(TraceFailure(item.scope, item.type_name,
                                     f"{item.reason}; specialized trace: {type(exc).__name__}: {str(exc)[:120]}"))

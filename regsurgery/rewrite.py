@@ -201,7 +201,7 @@ def _prepare_block(model: nn.Module, scope: str, new_ops: list[PlannedOp]) -> tu
         counts[op.kind] += 1
     policy = ops[0].params.get("trace_policy") if ops else None
     spec = ops[0].params.get("trace_example") if ops else None
-    traced = trace_block(block, scope, policy=policy, example=example_from_spec(spec) if spec else None)
+    traced = trace_block(block, scope, policy=policy, example=example_from_spec(spec, block) if spec else None)
     _insert_ops(traced.graph, scope, named)
     train_forward, source = _compile_forward(traced.graph, scope)
     for op in ops:

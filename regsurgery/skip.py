@@ -245,13 +245,14 @@ class _BranchParts:
     anchor: fx.Node  # the branch operand of the add
     shortcut: fx.Node
     source: fx.Node  # the value the branch is computed from
-    body: list[fx.Node]  # graph order, anchor last
+    body: list[fx.Node]  # graph order: the paths source -> anchor and what hangs off them only
     kept: set[fx.Node]  # body nodes also used outside (shape reads): stay in the block graph too
     attrs: list[fx.Node]  # get_attr inputs: copied into the branch
     extras: list[fx.Node]  # other inputs from outside the branch, graph order
     flow: _Dataflow = field(repr=False)
 
 
+_CALL_OPS = ("call_module", "call_function", "call_method")
 _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 _SHAPE_METHODS = {"size", "dim"}
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
@@ -294,6 +295,20 @@ def _source_of(shortcut: fx.Node, anchor: fx.Node, flow: _Dataflow) -> Optional[
     return None
 
 
+def _tail(graph: fx.Graph, body: set[fx.Node]) -> set[fx.Node]:
+    """Nodes that hang off the branch and feed nothing else: unused shape reads (``_, H, W, _ =
+    x.shape``) and run-time guards of a specialized trace. They run with the branch."""
+    depends: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node not in body and any(i in body or i in depends for i in tensor_inputs(node)):
+            depends.add(node)
+    tail: set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        if node in depends and node.op in _CALL_OPS and all(u in tail for u in node.users):
+            tail.add(node)
+    return tail
+
+
 def _branch_parts(graph: fx.Graph, anchor: fx.Node, add: fx.Node) -> _BranchParts:
     operands = _is_add(add)
     if operands is None:
@@ -310,14 +325,17 @@ def _branch_parts(graph: fx.Graph, anchor: fx.Node, add: fx.Node) -> _BranchPart
     source = _source_of(shortcut, anchor, flow)
     if source is None:
         raise _NotSkippable(f"no value the branch {anchor.name!r} is computed from reaches the shortcut")
-    body = flow.between(source, anchor)
-    body_set = set(body)
     others = [u.name for u in anchor.users if u is not add]
     if others:
         raise _NotSkippable(f"the branch output {anchor.name!r} is also used by {others[0]!r}")
+    body_set = set(flow.between(source, anchor))
+    body_set |= _tail(graph, body_set)
+    body = sorted(body_set, key=flow.order.__getitem__)
     memo: dict[fx.Node, bool] = {}
     kept: set[fx.Node] = set()
-    for node in body[:-1]:
+    for node in body:
+        if node is anchor:
+            continue
         outside = [u for u in node.users if u not in body_set]
         if not outside:
             continue
@@ -341,6 +359,9 @@ def _branch_parts(graph: fx.Graph, anchor: fx.Node, add: fx.Node) -> _BranchPart
             if isinstance(first, fx.Node) and first not in body_set:
                 raise _NotSkippable(f"branch node {node.name!r} modifies {first.name!r} in place")
     ordered = sorted(inputs, key=flow.order.__getitem__)
+    late = [n.name for n in ordered if flow.order[n] > flow.order[add]]
+    if late:
+        raise _NotSkippable(f"the branch reads {late[0]!r}, which is computed after the add")
     return _BranchParts(
         add=add, anchor=anchor, shortcut=shortcut, source=source, body=body, kept=kept,
         attrs=[n for n in ordered if n.op == "get_attr"],

@@ -214,7 +214,7 @@ def _after_conv_anchor(node: fx.Node, block: nn.Module) -> fx.Node:
 
 
 def _branch_conv_anchors(block: nn.Module, scope: str, site: ResidualSite) -> list[str]:
-    example = example_from_spec(site.trace_example) if site.trace_example else None
+    example = example_from_spec(site.trace_example, block) if site.trace_example else None
     graph = trace_block(block, scope, policy=site.trace_policy, example=example).graph
     body = set(site.branch_nodes)
     anchors = []

@@ -21,6 +21,7 @@ reported as a :class:`TraceFailure`, never raised.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -351,9 +352,14 @@ def example_spec(args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
     return {"args": spec_args, "kwargs": spec_kwargs}
 
 
-def example_from_spec(spec: dict[str, Any], device: Optional[torch.device] = None) -> tuple[tuple, dict]:
-    """Rebuild example arguments from :func:`example_spec` (tensors drawn with a fixed seed)."""
+def example_from_spec(spec: dict[str, Any], module: Optional[nn.Module] = None) -> tuple[tuple, dict]:
+    """Rebuild example arguments from :func:`example_spec` (tensors drawn with a fixed seed, on
+    the device of ``module``'s first parameter or buffer)."""
     g = torch.Generator().manual_seed(0)
+    device = None
+    if module is not None:
+        first = next(itertools.chain(module.parameters(), module.buffers()), None)
+        device = first.device if first is not None else None
 
     def one(d: dict[str, Any]) -> Any:
         if "shape" in d:
