@@ -33,6 +33,8 @@ from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
+from .plan import check_rate
+
 __all__ = ["RateSchedule", "ScheduleBinding", "RAMPS", "SCHEDULE_FORMAT"]
 
 SCHEDULE_FORMAT = "regsurgery.rate_schedule/1"
@@ -116,16 +118,6 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
-def _check_unit(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
-    if math.isnan(v) or not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return v
-
-
 def _fn_name(fn: RampFn) -> str:
     return fn if isinstance(fn, str) else getattr(fn, "__name__", type(fn).__name__)
 
@@ -190,7 +182,7 @@ class RateSchedule:
             raise ValueError(
                 f"warmup_steps ({warmup_steps}) must be smaller than total_steps ({total_steps})"
             )
-        self.start = _check_unit("start", start)
+        self.start = check_rate("start", start)
         self.fn = self._check_fn(fn)
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
         bad = [k for k in kinds if k not in KINDS]
@@ -205,7 +197,7 @@ class RateSchedule:
                 continue
             seen.add(id(m))
             kind, attr = found
-            target = _check_unit(f"the rate {attr} of {name}", getattr(m, attr))
+            target = check_rate(f"the rate {attr} of {name}", getattr(m, attr))
             self._entries[name] = _Entry(m, attr, kind, target)
         if not self._entries:
             what = type(model_or_modules).__name__
@@ -377,8 +369,8 @@ class RateSchedule:
         warmup = _check_int("warmup_steps", state["warmup_steps"], 0)
         if warmup >= total:
             raise ValueError(f"saved warmup_steps ({warmup}) >= total_steps ({total})")
-        start = _check_unit("start", state["start"])
-        new_targets = {n: _check_unit(f"the saved target of {n}", t) for n, t in targets.items()}
+        start = check_rate("start", state["start"])
+        new_targets = {n: check_rate(f"the saved target of {n}", t) for n, t in targets.items()}
         step = _check_int("step", state["step"], 0)
         # Validated in full before anything changes: a rejected state leaves the schedule as is.
         self.fn, self.total_steps, self.warmup_steps, self.start = fn, total, warmup, start

@@ -95,7 +95,8 @@ class OptionalInputBlock(nn.Module):
 
 
 class ShapeBlock(nn.Module):
-    """Shape reads used inside and outside the branch (they stay, and are recomputed)."""
+    """Shape reads used inside and outside the branch (they stay, and are recomputed), and
+    unused ones hanging off the branch (they go with it)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -105,7 +106,9 @@ class ShapeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        y = x + self.fc2(F.gelu(self.fc1(self.norm(x))).reshape(B, N, 2 * C))
+        h = self.fc1(self.norm(x))
+        _, tokens, _ = h.shape  # two of three reads unused: they hang off the branch
+        y = x + self.fc2(F.gelu(h).reshape(B, tokens, 2 * C))
         return y.reshape(B, N * C)
 
 
