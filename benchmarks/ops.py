@@ -5,8 +5,9 @@
    ``ones(N, 1, H, H)`` (about ``--units`` units per cell), with its standard error from the
    spread of the per-sample fractions (samples are independent).
 2. Forward+backward (and forward-only) time of the same ops on the issue's inputs, timed in an
-   interleaved loop (every round runs every candidate once, in rotating order) and summarised by
-   the median; ratios regsurgery / timm and regsurgery / torchvision.
+   interleaved loop (every round runs every candidate once, in rotating order): median time per
+   call, and the median over rounds of the per-round ratios regsurgery / timm and
+   regsurgery / torchvision.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/ops.py`` (``--quick`` for a smaller run).
 """
@@ -85,8 +86,12 @@ def rate_table(units: int) -> None:
 
 
 def time_ops(cands: Dict[str, Callable[[torch.Tensor], torch.Tensor]], shape: Tuple[int, ...],
-             rounds: int, backward: bool) -> Dict[str, float]:
-    """Median milliseconds per call of each candidate, interleaved."""
+             rounds: int, backward: bool) -> Dict[str, List[float]]:
+    """Seconds per call of each candidate, one entry per round, interleaved.
+
+    Every round runs every candidate once, in an order rotated round by round, so machine
+    load drifts and allocator effects hit all candidates alike; ratios are taken per round.
+    """
     x = torch.randn(shape, requires_grad=backward)
     grad = torch.randn(shape)
     names = list(cands)
@@ -109,12 +114,17 @@ def time_ops(cands: Dict[str, Callable[[torch.Tensor], torch.Tensor]], shape: Tu
         order = names[r % len(names):] + names[: r % len(names)]
         for k in order:
             times[k].append(once(cands[k]))
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return times
+
+
+def _ratio(times: Dict[str, List[float]], a: str, b: str) -> float:
+    """Median over rounds of the per-round time ratio a / b."""
+    return statistics.median(ta / tb for ta, tb in zip(times[a], times[b]))
 
 
 def speed_table(rounds_small: int, rounds_large: int) -> None:
     print(f"\n## Time, CPU, torch.get_num_threads() = {torch.get_num_threads()} "
-          "(median ms per call, interleaved)\n")
+          "(median ms per call; ratios are medians of per-round ratios)\n")
     p = 0.1
     cases = [
         ("DropBlock bs=7 shared mask", (64, 256, 14, 14), rounds_small, {
@@ -146,12 +156,13 @@ def speed_table(rounds_small: int, rounds_large: int) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for title, shape, rounds, cands in cases:
         for backward in (True, False):
-            ms = time_ops(cands, shape, rounds, backward)
+            t = time_ops(cands, shape, rounds, backward)
+            ms = {k: statistics.median(v) * 1e3 for k, v in t.items()}
             base = f"{ms['x * 1.0']:.2f}" if "x * 1.0" in ms else "-"
             print(f"| {title} | {tuple(shape)} | {'fwd+bwd' if backward else 'fwd'} "
                   f"| {ms['regsurgery']:.2f} | {ms['timm']:.2f} | {ms['torchvision']:.2f} | {base} "
-                  f"| {ms['regsurgery'] / ms['timm']:.3f} "
-                  f"| {ms['regsurgery'] / ms['torchvision']:.3f} |")
+                  f"| {_ratio(t, 'regsurgery', 'timm'):.3f} "
+                  f"| {_ratio(t, 'regsurgery', 'torchvision'):.3f} |")
 
 
 def main() -> None:
@@ -170,7 +181,7 @@ def main() -> None:
     if not args.skip_rates:
         rate_table(units)
     if not args.skip_speed:
-        speed_table(15 if args.quick else 60, 5 if args.quick else 15)
+        speed_table(15 if args.quick else 60, 5 if args.quick else 25)
 
 
 if __name__ == "__main__":

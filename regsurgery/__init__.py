@@ -15,9 +15,11 @@ from .ops import (
     DropBlock3d,
     DropPath,
     RegularizerModule,
+    calibrate_gamma,
     drop_block2d,
     drop_block3d,
     drop_path,
+    expected_drop_fraction,
 )
 from .plan import Plan, PlannedOp
 from .rewrite import apply_plan, inserted_modules, is_patched, plan_of, strip
@@ -77,10 +79,12 @@ __all__ = [
     "apply_dropblock",
     "apply_plan",
     "apply_stochastic_depth",
+    "calibrate_gamma",
     "describe_feature_layout",
     "drop_block2d",
     "drop_block3d",
     "drop_path",
+    "expected_drop_fraction",
     "export_onnx",
     "find_conv_stages",
     "find_residual_sites",

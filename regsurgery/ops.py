@@ -301,8 +301,10 @@ def drop_path(
     # rand < keep rather than bernoulli_(keep): the latter specializes a compiled graph on the
     # value of p, so a rate schedule would recompile every step.
     mask = _uniform(shape, _mask_dtype(x), x.device, generator).lt_(keep)
-    if scale_by_keep and keep > 0.0:
-        mask = mask.div_(keep)
+    if scale_by_keep:
+        # max() instead of an `if keep > 0` branch: a compiled graph would guard on it. At
+        # p == 1 the mask is all zeros and stays so.
+        mask = mask.div_(max(keep, 1e-30))
     return x * mask.to(x.dtype)
 
 
