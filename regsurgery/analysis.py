@@ -25,7 +25,9 @@ counts the conv and linear layers inside it (at least 1 if it holds any layer th
 
 from __future__ import annotations
 
+import math
 import operator
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -46,6 +48,7 @@ from .tracing import (
     module_of,
     own_node,
     qualified,
+    require_module,
     tensor_inputs,
     trace_block,
 )
@@ -143,9 +146,15 @@ def _computes(module: nn.Module) -> bool:
     )
 
 
+def _has_weighted_layer(module: nn.Module) -> bool:
+    return any(isinstance(m, _WEIGHTED_TYPES) for m in module.modules())
+
+
 def _is_norm_module(module: nn.Module) -> bool:
+    # By name only for library modules without a layer (BatchNormAct2d, LayerNorm2d...): a
+    # ConvNormAct is a conv that happens to normalize, not a normalization.
     return isinstance(module, _NORM_TYPES) or (
-        is_library_module(module) and "Norm" in type(module).__name__
+        is_library_module(module) and "Norm" in type(module).__name__ and not _has_weighted_layer(module)
     )
 
 
@@ -206,7 +215,8 @@ class _Costs:
             if _is_norm_module(m):
                 return _NodeCost(0.0, True, False)
             if is_library_module(m) and not isinstance(m, (nn.Sequential, nn.ModuleList)):
-                return _ZERO
+                # A no-trace composite (timm ConvNormAct) is as deep as the layers inside it.
+                return _NodeCost(self.module_depth(m), False, False) if _has_weighted_layer(m) else _ZERO
             # A norm inside a conv+norm composite is not the branch's normalization
             # (RepMixer / MobileOne decoys): only the depth counts.
             return _NodeCost(self.module_depth(m), False, False)
@@ -253,20 +263,52 @@ def _is_value(node: fx.Node) -> bool:
 # ----------------------------------------------------------------------------- graph helpers
 
 
+_SIZE_ANNOTATION = re.compile(r"int|(torch\.)?Size|(typing\.)?(List|Tuple|list|tuple)\[int(, ?int)*(, ?\.\.\.)?\]")
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
+_SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
+
+
+def _is_shape_like(n: fx.Node, inputs: list[fx.Node], known: dict[fx.Node, bool]) -> bool:
+    """Does ``n`` hold a size (``x.shape[0]``, ``H * W``, an int argument) rather than data?"""
+    if n.op == "placeholder":  # an argument annotated as a size (MViTv2's ``feat_size: List[int]``)
+        if n.type is None:
+            return False
+        name = n.type.__name__ if isinstance(n.type, type) else str(n.type)
+        return _SIZE_ANNOTATION.fullmatch(name) is not None
+    if n.op == "call_function" and n.target is getattr:
+        return len(n.args) > 1 and n.args[1] in _SHAPE_ATTRS
+    if n.op == "call_method" and n.target in _SHAPE_METHODS:
+        return True
+    if n.op == "call_function" and inputs and n.target in (operator.getitem, operator.mul, operator.add,
+                                                           operator.sub, operator.floordiv, math.prod):
+        return all(known.get(i, False) for i in inputs)
+    return False
+
+
 class _Dataflow:
-    """Ancestor sets of every node of one graph, computed once."""
+    """Ancestor sets (all inputs, and data inputs only) of every node of one graph, computed once."""
 
     def __init__(self, graph: fx.Graph) -> None:
         self.ancestors: dict[fx.Node, frozenset[fx.Node]] = {}
+        self.data_ancestors: dict[fx.Node, frozenset[fx.Node]] = {}
         self.from_value: dict[fx.Node, bool] = {}
         self.order: dict[fx.Node, int] = {}
+        self.shape_like: dict[fx.Node, bool] = {}  # sizes and ints derived from them, not data
         for n in graph.nodes:
             self.order[n] = len(self.order)
             inputs = tensor_inputs(n)
+            self.shape_like[n] = _is_shape_like(n, inputs, self.shape_like)
             anc: set[fx.Node] = set(inputs)
             for i in inputs:
                 anc |= self.ancestors[i]
             self.ancestors[n] = frozenset(anc)
+            # Data ancestors: a value that only lends its size (``x.reshape(B, N - 1, -1)`` with
+            # ``B, N`` from another tensor's shape) is not on the data path (TNT's outer tokens).
+            data = [i for i in inputs if not self.shape_like[i]]
+            data_anc: set[fx.Node] = set(data)
+            for i in data:
+                data_anc |= self.data_ancestors[i]
+            self.data_ancestors[n] = frozenset(data_anc)
             # Does any placeholder reach this node? (a pure function of parameters does not)
             self.from_value[n] = n.op == "placeholder" or any(self.from_value[i] for i in inputs)
 
@@ -286,21 +328,49 @@ def _projection_chain(
     chain: list[fx.Node] = []
     weight = 0.0
     node = shortcut
-    branch_ancestors = flow.ancestors[branch]
+    branch_ancestors = flow.data_ancestors[branch]
     for _ in range(_MAX_PROJECTION_CHAIN):
-        value_inputs = [i for i in tensor_inputs(node) if flow.from_value[i]]
+        value_inputs = [i for i in tensor_inputs(node) if flow.from_value[i] and not flow.shape_like[i]]
         if node.op != "call_module" and node.op != "call_function" and node.op != "call_method":
             return None
         if len(value_inputs) != 1:
             return None
+        if _is_slice_of_split(node):
+            return None  # another chunk of a split tensor (Res2Net, EdgeNeXt): different data
         chain.append(node)
-        weight += costs.node(node, root).weight
-        if weight > 1.0:
-            return None
+        cost = costs.node(node, root).weight
+        weight += cost
+        if weight > 1.0 or (cost and not _is_pointwise(node, root)):
+            return None  # a k x k conv on the shortcut is a layer of its own, not a cheap projection
         node = value_inputs[0]
         if node in branch_ancestors:
             return node, chain, weight
     return None
+
+
+_SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split, torch.unbind, torch.functional.split}
+_SPLIT_METHODS = {"split", "chunk", "tensor_split", "unbind", "split_with_sizes"}
+
+
+def _is_slice_of_split(node: fx.Node) -> bool:
+    """``parts[i]`` where ``parts`` comes from split / chunk / unbind."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    src = node.args[0]
+    if not isinstance(src, fx.Node):
+        return False
+    return (src.op == "call_function" and src.target in _SPLIT_FUNCTIONS) or (
+        src.op == "call_method" and src.target in _SPLIT_METHODS
+    )
+
+
+def _is_pointwise(node: fx.Node, root: nn.Module) -> bool:
+    """A projection layer that mixes channels only: every conv in it is 1x1 (linears are)."""
+    m = module_of(node, root)
+    if m is None:
+        return True  # a functional conv / linear: its kernel is an input, not known here
+    convs = [c for c in m.modules() if isinstance(c, nn.modules.conv._ConvNd)]
+    return all(math.prod(c.kernel_size) == 1 for c in convs)
 
 
 def _existing_slot(branch: fx.Node, root: nn.Module, scope: str) -> tuple[Optional[str], Optional[str]]:
@@ -335,6 +405,34 @@ def _longest_chain(source: fx.Node, body: list[fx.Node], costs: list[_NodeCost])
     return depth[body[-1]]
 
 
+_MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+_MUL_METHODS = {"mul", "mul_"}
+
+
+def _is_learned_scale(node: fx.Node, root: nn.Module, costs: _Costs) -> bool:
+    """A multiply by a parameter (``gamma * x``), or a scale module: a custom module with
+    parameters, no children and no layer (timm LayerScale / LayerScale2d)."""
+    if (node.op == "call_function" and node.target in _MUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _MUL_METHODS
+    ):
+        return any(i.op == "get_attr" for i in tensor_inputs(node))
+    m = module_of(node, root)
+    if m is None or is_library_module(m) or next(m.children(), None) is not None:
+        return False
+    return next(m.parameters(), None) is not None and costs.module_depth(m) == 0
+
+
+def _scaled_single_path(source: fx.Node, body: list[fx.Node], root: nn.Module, costs: _Costs) -> bool:
+    """A one-layer branch marked as residual by a learned scale (LayerScale: ResMLP's token mixer,
+    EfficientFormer's pooling mixer), on a single path from the source. Parallel paths combined
+    (FastViT RepMixer's ``scale * (mixer(x) - norm(x))``) are a reparameterizable block instead,
+    and a bare ``x + dwconv(x)`` (a conditional position encoding) has no scale."""
+    inside = set(body) | {source}
+    if any(sum(i in inside for i in tensor_inputs(n)) >= 2 for n in body):
+        return False
+    return any(_is_learned_scale(n, root, costs) for n in body)
+
+
 def _classify_add(
     a: fx.Node, b: fx.Node, flow: _Dataflow, root: nn.Module, costs: _Costs
 ) -> Optional[dict[str, Any]]:
@@ -344,7 +442,7 @@ def _classify_add(
             continue
         if not _is_value(shortcut):
             continue
-        if shortcut in flow.ancestors[branch]:
+        if shortcut in flow.data_ancestors[branch]:
             source, chain, chain_weight, kind = shortcut, [], 0.0, "identity"
         else:
             found = _projection_chain(shortcut, branch, flow, root, costs)
@@ -358,9 +456,14 @@ def _classify_add(
         norm = any(c.norm for c in node_costs)
         if any(c.upsample for c in node_costs):
             continue  # FPN-style top-down merge
-        if not (weight >= 2 or (weight >= 1 and norm)):
+        if not (weight >= 2 or (weight >= 1 and (norm or _scaled_single_path(source, body, root, costs)))):
             continue
-        if kind == "projection" and not (weight >= 2 and weight > chain_weight):
+        # A chain of scales and identities (PoolFormer's res_scale) is an identity shortcut in
+        # disguise. Any other projection (a 1x1 conv, or a BN: RepVGG's identity branch) must
+        # be shallower than a branch of at least two layers.
+        disguised_identity = kind == "projection" and not any(
+            c.weight or c.norm for c in (costs.node(n, root) for n in chain))
+        if kind == "projection" and not disguised_identity and not (weight >= 2 and weight > chain_weight):
             continue
         candidates.append(
             dict(
@@ -451,6 +554,8 @@ def residual_report(
     :func:`regsurgery.stages.infer_example_input`); guards in the patched forward raise a clear
     error if another input would take another branch.
     """
+    if isinstance(model_or_blocks, (str, bytes)) or not isinstance(model_or_blocks, (nn.Module, Iterable)):
+        require_module(model_or_blocks)
     if isinstance(model_or_blocks, nn.Module):
         items = _specialize_failures(model_or_blocks, list(iter_block_graphs(model_or_blocks)), example_inputs)
     else:

@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Optional, Union
@@ -87,8 +88,8 @@ def _short(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _check_torch_header(path: str) -> None:
-    """Fail early, and say so, for files that are not torch checkpoints at all."""
+def _check_torch_header(path: str) -> bytes:
+    """Fail early, and say so, for files that are not torch checkpoints at all; the first bytes."""
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:
@@ -98,10 +99,26 @@ def _check_torch_header(path: str) -> None:
     if not (head.startswith(b"PK") or head[0] == 0x80):
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (unrecognised header {head!r}); "
                               f"expected a torch.save file (.pt/.pth) or a .safetensors file")
+    return head
+
+
+def _check_zip_crc(path: str) -> None:
+    """torch.load does not verify the zip's CRC32s: flipped bytes inside a tensor load silently as
+    wrong weights. Read every member once and compare (about 1 s per GB)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint, the file is truncated or corrupt "
+                              f"({type(e).__name__}: {_short(e)})") from e
+    if bad is not None:
+        raise CheckpointError(f"{path}: the checkpoint is corrupt: the CRC32 of {bad!r} does not match "
+                              f"its data (damaged in transfer or on disk); get an intact copy")
 
 
 def _torch_load(path: str, trust_pickle: bool) -> Any:
-    _check_torch_header(path)
+    if _check_torch_header(path).startswith(b"PK"):
+        _check_zip_crc(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -316,7 +333,11 @@ def atomic_output(path: PathLike, inputs: Iterable[Optional[PathLike]] = ()) -> 
     directory = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
     suffix = os.path.splitext(base)[1]
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=directory)
+    except OSError as e:
+        raise OutputPathError(f"cannot write {path}: {e.strerror or e} in {directory}; "
+                              "choose a writable directory") from e
     os.close(fd)
     try:
         yield tmp
@@ -489,7 +510,7 @@ def load_patched(path: PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a patched model: ``(model, recipe)``. See :func:`load`."""
     from .modelspec import build_model
     from .plan import Plan
-    from .rewrite import apply_plan
+    from .rewrite import PlanMismatchError, apply_plan
 
     path = os.fspath(path)
     state_dict, recipe = read_patched(path)
@@ -499,7 +520,11 @@ def load_patched(path: PathLike) -> tuple[nn.Module, dict[str, Any]]:
         plan = Plan.from_dict(recipe["plan"])
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: the stored plan is not valid: {e}") from e
-    apply_plan(model, plan)  # in place; the model object stays the one built above
+    try:
+        apply_plan(model, plan)  # in place; the model object stays the one built above
+    except PlanMismatchError as e:
+        raise CheckpointError(f"{path}: the stored plan does not fit the model {recipe['model']!r} "
+                              f"it names: {e}") from e
     return model.train(), recipe
 
 

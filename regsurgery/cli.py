@@ -296,6 +296,16 @@ def _example(shape: tuple[int, ...], batch: Optional[int] = None) -> torch.Tenso
     return torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
 
+def _checked_example(r: _Resolved) -> torch.Tensor:
+    """The example input for ``r.input_shape``, after one eval forward showed the model takes it:
+    a wrong ``--input-shape`` fails here, naming the shape given and the one expected."""
+    from .stages import check_example_input
+
+    x = _example(r.input_shape)
+    check_example_input(r.model, x)
+    return x
+
+
 def _call_accepting(fn: Any, *args: Any, optional: Optional[dict[str, Any]] = None, **kwargs: Any) -> Any:
     """Call ``fn``, passing ``optional`` keywords only where its signature takes them (reuse of
     already-computed analysis results: an optimisation, never a requirement)."""
@@ -503,7 +513,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
     with Progress(total=4, desc="patch") as bar:
         bar.step("building the model")
         r = _resolve(args, apply_stored_plan=False)
-        x = _example(r.input_shape)
+        x = _checked_example(r)
         bar.step("planning")
         plan = _make_plan(r.model, args, x)
         bar.step("checking the patched model")
@@ -557,7 +567,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     with Progress(total=1, desc="export: loading") as bar:
         bar.step("building the model")
         r = _resolve(args, apply_stored_plan=True)
-    x = _example(r.input_shape)
+        x = _checked_example(r)
     reports = []
     # All or nothing: every artifact is staged next to its destination and the renames happen only
     # once every export has passed its checks; a failure removes all staged files.

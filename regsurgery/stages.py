@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tracing import require_module
+
 if TYPE_CHECKING:  # pragma: no cover
     from .analysis import ResidualSite
 
@@ -448,12 +450,33 @@ def record_module_shapes(model: nn.Module, example_inputs: Any = None) -> list[M
     try:
         return _run_recorded(model, args)
     except Exception as exc:
-        what = "the inferred example input" if inferred else "example_inputs"
-        raise ValueError(
-            f"{type(model).__name__} failed on {what} {_describe_args(args)} "
-            f"({type(exc).__name__}: {str(exc).strip()[:300]}); {_expected_hint(model)}"
-            + ("; pass example_inputs explicitly" if inferred else "")
-        ) from exc
+        raise _example_failure(model, args, inferred, exc) from exc
+
+
+def _example_failure(model: nn.Module, args: tuple[Any, ...], inferred: bool, exc: Exception) -> ValueError:
+    what = "the inferred example input" if inferred else "example_inputs"
+    return ValueError(
+        f"{type(model).__name__} failed on {what} {_describe_args(args)} "
+        f"({type(exc).__name__}: {str(exc).strip()[:300]}); {_expected_hint(model)}"
+        + ("; pass example_inputs explicitly" if inferred else "")
+    )
+
+
+def check_example_input(model: nn.Module, example_inputs: Any) -> None:
+    """Run one eval-mode, no-grad forward of ``example_inputs`` (a Tensor or a tuple of forward
+    arguments); a failure is a ValueError naming the input given and the one the model expects.
+    The model's training flags are restored."""
+    args = _as_args(example_inputs)
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    except Exception as exc:
+        raise _example_failure(model, args, False, exc) from exc
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 # ----------------------------------------------------------------------------- classification
@@ -623,6 +646,7 @@ def describe_feature_layout(
     spatial; False skips it (huge inputs) and decides from one shape per output. The model is
     not modified (hooks removed, training flags restored).
     """
+    require_module(model)
     inferred = example_inputs is None
     args = (infer_example_input(model),) if inferred else _as_args(example_inputs)
     pos = _image_arg(args)

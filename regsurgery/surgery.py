@@ -13,7 +13,7 @@ from torch import nn
 from .analysis import ResidualSite, residual_report
 from .plan import Plan, PlannedOp, ScheduleFn, check_rate, depth_rates, scope_selected
 from .rewrite import apply_plan
-from .tracing import example_from_spec, get_submodule, module_of, trace_block
+from .tracing import example_from_spec, get_submodule, module_of, require_module, trace_block
 
 __all__ = [
     "plan_stochastic_depth",
@@ -53,6 +53,7 @@ def plan_stochastic_depth(
     Sites whose branch already ends in a DropPath / StochasticDepth module get a ``set_rate`` op on
     that module instead of a second regularizer.
     """
+    require_module(model)
     rate = check_rate("rate", rate)
     if mode not in DROP_PATH_MODES:
         raise ValueError(f"mode must be one of {DROP_PATH_MODES}, got {mode!r}")
@@ -126,9 +127,7 @@ def plan_stochastic_depth(
 
 
 def _maybe_copy(model: nn.Module, inplace: bool) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return model if inplace else copy.deepcopy(model)
+    return require_module(model) if inplace else copy.deepcopy(require_module(model))
 
 
 def apply_stochastic_depth(
@@ -243,6 +242,7 @@ def plan_dropblock(
     """
     from .stages import find_conv_stages
 
+    require_module(model)
     rate = check_rate("rate", rate)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")

