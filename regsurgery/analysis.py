@@ -422,15 +422,14 @@ def _is_learned_scale(node: fx.Node, root: nn.Module, costs: _Costs) -> bool:
     return next(m.parameters(), None) is not None and costs.module_depth(m) == 0
 
 
-def _scaled_single_path(source: fx.Node, body: list[fx.Node], root: nn.Module, costs: _Costs) -> bool:
-    """A one-layer branch marked as residual by a learned scale (LayerScale: ResMLP's token mixer,
-    EfficientFormer's pooling mixer), on a single path from the source. Parallel paths combined
-    (FastViT RepMixer's ``scale * (mixer(x) - norm(x))``) are a reparameterizable block instead,
-    and a bare ``x + dwconv(x)`` (a conditional position encoding) has no scale."""
+def _single_path(source: fx.Node, body: list[fx.Node]) -> bool:
+    """No node of the branch combines two paths from the source. A one-layer branch is residual
+    only as a single path, normalized or marked by a learned scale (LayerScale: ResMLP's token
+    mixer, EfficientFormer's pooling mixer); a bare ``x + dwconv(x)`` is a conditional position
+    encoding, and parallel one-layer paths combined (FastViT RepMixer's
+    ``x + scale * (mixer(x) - norm(x))``) are a reparameterizable block."""
     inside = set(body) | {source}
-    if any(sum(i in inside for i in tensor_inputs(n)) >= 2 for n in body):
-        return False
-    return any(_is_learned_scale(n, root, costs) for n in body)
+    return not any(sum(i in inside for i in tensor_inputs(n)) >= 2 for n in body)
 
 
 def _classify_add(
@@ -456,7 +455,8 @@ def _classify_add(
         norm = any(c.norm for c in node_costs)
         if any(c.upsample for c in node_costs):
             continue  # FPN-style top-down merge
-        if not (weight >= 2 or (weight >= 1 and (norm or _scaled_single_path(source, body, root, costs)))):
+        if not (weight >= 2 or (weight >= 1 and _single_path(source, body)
+                                and (norm or any(_is_learned_scale(n, root, costs) for n in body)))):
             continue
         # A chain of scales and identities (PoolFormer's res_scale) is an identity shortcut in
         # disguise. Any other projection (a 1x1 conv, or a BN: RepVGG's identity branch) must

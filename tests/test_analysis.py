@@ -56,6 +56,43 @@ def test_decoys_are_not_residual(cls):
     assert find_residual_sites(cls()) == []
 
 
+@pytest.mark.parametrize("cls", [tm.RepMixerLike, tm.SplitChunks, tm.KxKShortcut, tm.ShapeOnlyMerge])
+def test_more_decoys_are_not_residual(cls):
+    model = cls()
+    x = (torch.randn(16, 4, 16), torch.randn(2, 8, 16)) if cls is tm.ShapeOnlyMerge else (torch.randn(2, 8, 8, 8),)
+    model(*x)  # the decoy runs
+    assert find_residual_sites(model) == []
+
+
+@pytest.mark.parametrize("cls, kind", [
+    (tm.LayerScaledPool, "identity"),  # one weightless layer, no norm: marked by its layer scale
+    (tm.LayerScaledLinear, "identity"),
+    (tm.ResScaleShortcut, "projection"),  # a learned scale of x on the shortcut
+])
+def test_layer_scaled_branches_are_residual(cls, kind):
+    (site,) = find_residual_sites(cls())
+    assert site.kind == kind
+    assert site.scope == ""
+
+
+def test_library_conv_norm_act_counts_as_a_conv():
+    """timm's ConvNormAct is a no-trace leaf with "Norm" in its name: it is a conv layer, not a
+    normalization (two of them make a branch)."""
+    from timm.layers import ConvNormAct
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = ConvNormAct(8, 8, 3)
+            self.conv2 = ConvNormAct(8, 8, 3, apply_act=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv2(self.conv1(x)) + x
+
+    (site,) = find_residual_sites(Block())
+    assert site.kind == "identity" and site.branch_weight == 2
+
+
 def test_untraceable_blocks_are_traced_specialized():
     model = tm.Net()
     report = residual_report(model, torch.randn(2, 3, 16, 16))

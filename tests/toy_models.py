@@ -230,3 +230,122 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
                 if m.bias is not None:
                     m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
     return model
+
+
+class LayerScale(nn.Module):
+    """A learned per-channel scale (CaiT's LayerScale): parameters, no children, no layer."""
+
+    def __init__(self, c: int, shape: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((c, *shape), 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class PoolMixer(nn.Module):
+    """PoolFormer / EfficientFormer token mixer: pool(x) - x, no weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x) - x
+
+
+class LayerScaledPool(nn.Module):
+    """Site: x + ls(pool_mixer(x)), a one-layer branch without a norm, marked by its layer scale
+    (EfficientFormer's Meta4D token mixer)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.mixer = PoolMixer()
+        self.ls = LayerScale(c, (1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ls(self.mixer(x))
+
+
+class LayerScaledLinear(nn.Module):
+    """Site: x + gamma * fc(x)^T over tokens (ResMLP's token mixing, gamma a parameter)."""
+
+    def __init__(self, n: int = 4, d: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(n, n)
+        self.gamma = nn.Parameter(torch.full((d,), 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma * self.fc(x.transpose(1, 2)).transpose(1, 2)
+
+
+class RepMixerLike(nn.Module):
+    """Decoy: FastViT RepMixer, x + gamma * (mixer(x) - norm(x)): two parallel one-layer paths
+    of a reparameterizable block, combined and scaled."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.mixer = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.norm = nn.BatchNorm2d(c)
+        self.gamma = nn.Parameter(torch.full((c, 1, 1), 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma * (self.mixer(x) - self.norm(x))
+
+
+class ResScaleShortcut(nn.Module):
+    """Site: res_scale(x) + ls(pool_mixer(norm(x))) (PoolFormerV2): the shortcut is a learned
+    scale of x, an identity in disguise, and the branch is one layer with a norm."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(1, c)
+        self.mixer = PoolMixer()
+        self.res_scale = LayerScale(c, (1, 1))
+        self.ls = LayerScale(c, (1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res_scale(x) + self.ls(self.mixer(self.norm(x)))
+
+
+class SplitChunks(nn.Module):
+    """Decoy: Res2Net's hierarchical adds, conv(chunk 0) + chunk 1: the two operands are different
+    channels of one split tensor, not a value and a function of it."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv0 = conv_bn(c // 2, c // 2)
+        self.conv1 = conv_bn(c // 2, c // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        y0 = F.relu(self.conv0(a))
+        y1 = F.relu(self.conv1(y0 + b))
+        return torch.cat([y0, y1], dim=1)
+
+
+class KxKShortcut(nn.Module):
+    """Decoy: attention-like branch + a 3x3 stride-2 conv of the input (EfficientFormerV2's
+    downsampler): a k x k conv is a layer of its own, not a cheap projection."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(conv_bn(c, 2 * c, 3, 2), nn.ReLU(), conv_bn(2 * c, 2 * c, 1))
+        self.conv = conv_bn(c, 2 * c, 3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(x) + self.conv(x)
+
+
+class ShapeOnlyMerge(nn.Module):
+    """Decoy: TNT's outer += proj(norm(inner.reshape(B, N, -1))): the outer tokens lend only their
+    shape to the projected inner tokens, so the add merges two different values."""
+
+    def __init__(self, d: int = 16, inner: int = 4) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d * inner)
+        self.proj = nn.Linear(d * inner, d)
+
+    def forward(self, inner: torch.Tensor, outer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N, _ = outer.shape
+        return inner, outer + self.proj(self.norm(inner.reshape(B, N, -1)))
