@@ -9,14 +9,17 @@ downsampling path). The decision is made on the dataflow graph, never on names:
   single-input nodes that holds at most one weighted layer (conv / linear).
 
 The branch (the nodes on paths from the shortcut source to ``t``) must do real work: at least
-two weighted layers, or one weighted layer and a normalization. For a projection shortcut the
-branch must also be deeper than the shortcut. This rejects the decoys seen in real models:
+two weighted layers on its longest chain, or one weighted layer with a normalization or a
+learned scale (LayerScale) and no sum inside it that bypasses that layer. For a projection
+shortcut the branch must also be deeper than the shortcut. This rejects the decoys seen in real models:
 
 * position embeddings and attention biases/masks: the other operand is a parameter, a buffer or
   an unrelated input, never an ancestor;
 * sums of attention terms and of parallel conv branches (RepVGG / MobileOne): siblings, not
   ancestor and descendant, and each parallel branch is a single weighted layer;
 * conditional position encodings (``x + dwconv(x)``): a single weighted layer, no norm;
+* reparameterizable one-layer blocks wrapped in a skip (FastViT's RepMixer
+  ``x + s * (mixer(x) - norm(x))``): the one-layer branch holds a second, layer-free path;
 * FPN-style merges: the branch upsamples.
 
 "Weighted layer" counts leaf modules: a built-in conv / linear / attention is 1, a custom module
@@ -136,12 +139,22 @@ class SiteReport:
 # ----------------------------------------------------------------------------- node properties
 
 
+def _is_activation(module: nn.Module) -> bool:
+    mod = type(module).__module__
+    return not isinstance(module, nn.MultiheadAttention) and (
+        mod == "torch.nn.modules.activation" or mod.startswith("timm.layers.activations"))
+
+
 def _computes(module: nn.Module) -> bool:
-    """Does a module hold any layer that computes (not only identities, dropouts, containers)?"""
+    """Does a module hold any layer that computes? Identities, dropouts, containers, norms and
+    activations do not: a custom module of only a BN (FastViT's ``norm`` path of RepMixer) is a
+    normalization, not a layer; a pooling (PoolFormer's mixer) is."""
     return any(
         m is not module
         and not isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd, nn.Sequential, nn.ModuleList))
         and not is_drop_path_slot(m)
+        and not _is_norm_module(m)
+        and not _is_activation(m)
         for m in module.modules()
     )
 
@@ -422,18 +435,40 @@ def _is_learned_scale(node: fx.Node, root: nn.Module, costs: _Costs) -> bool:
     return next(m.parameters(), None) is not None and costs.module_depth(m) == 0
 
 
-def _single_path(source: fx.Node, body: list[fx.Node]) -> bool:
-    """No node of the branch combines two paths from the source. A one-layer branch is residual
-    only as a single path, normalized or marked by a learned scale (LayerScale: ResMLP's token
-    mixer, EfficientFormer's pooling mixer); a bare ``x + dwconv(x)`` is a conditional position
-    encoding, and parallel one-layer paths combined (FastViT RepMixer's
-    ``x + scale * (mixer(x) - norm(x))``) are a reparameterizable block."""
-    inside = set(body) | {source}
-    return not any(sum(i in inside for i in tensor_inputs(n)) >= 2 for n in body)
+_SUM_FUNCTIONS = _ADD_FUNCTIONS | {operator.sub, operator.isub, torch.sub}
+_SUM_METHODS = _ADD_METHODS | {"sub", "sub_"}
+
+
+def _bypasses_layer(
+    source: fx.Node, body: list[fx.Node], costs: list[_NodeCost], residual_adds: set[fx.Node]
+) -> bool:
+    """Some sum in the branch adds a path through a weighted layer to a path around every layer.
+
+    A one-layer branch is residual only without such a second shortcut inside it: parallel
+    paths summed with a layer-free one (FastViT RepMixer's ``x + scale * (mixer(x) - norm(x))``,
+    RepVGG's BN identity path, a conditional position encoding ``y + dwconv(y)``) make a
+    reparameterizable block, not a residual branch. A sum that is itself a residual site (a
+    residual block nested in the branch) does not count, nor do products (gates, inline SiLU).
+    """
+    cost = dict(zip(body, costs))
+    longest: dict[fx.Node, float] = {source: 0.0}
+    shortest: dict[fx.Node, float] = {source: 0.0}
+    for n in body:
+        ins = [i for i in tensor_inputs(n) if i in longest]
+        longest[n] = (max(longest[i] for i in ins) if ins else 0.0) + cost[n].weight
+        shortest[n] = (min(shortest[i] for i in ins) if ins else 0.0) + cost[n].weight
+        is_sum = (n.op == "call_function" and n.target in _SUM_FUNCTIONS) or (
+            n.op == "call_method" and n.target in _SUM_METHODS)
+        if not is_sum or n in residual_adds or len(ins) < 2:
+            continue
+        if any(longest[i] >= 1 for i in ins) and any(shortest[i] == 0 for i in ins):
+            return True
+    return False
 
 
 def _classify_add(
-    a: fx.Node, b: fx.Node, flow: _Dataflow, root: nn.Module, costs: _Costs
+    a: fx.Node, b: fx.Node, flow: _Dataflow, root: nn.Module, costs: _Costs,
+    residual_adds: set[fx.Node],
 ) -> Optional[dict[str, Any]]:
     candidates = []
     for branch_pos, (branch, shortcut) in enumerate(((a, b), (b, a))):
@@ -455,8 +490,9 @@ def _classify_add(
         norm = any(c.norm for c in node_costs)
         if any(c.upsample for c in node_costs):
             continue  # FPN-style top-down merge
-        if not (weight >= 2 or (weight >= 1 and _single_path(source, body)
-                                and (norm or any(_is_learned_scale(n, root, costs) for n in body)))):
+        if not (weight >= 2 or (
+                weight >= 1 and not _bypasses_layer(source, body, node_costs, residual_adds)
+                and (norm or any(_is_learned_scale(n, root, costs) for n in body)))):
             continue
         # A chain of scales and identities (PoolFormer's res_scale) is an identity shortcut in
         # disguise. Any other projection (a 1x1 conv, or a BN: RepVGG's identity branch) must
@@ -486,12 +522,18 @@ def analyse_block(block: BlockGraph, costs: Optional[_Costs] = None) -> list[dic
     costs = costs or _Costs()
     flow = _Dataflow(block.graph)
     found = []
+    # Every residual add of the graph, inlined children's included: a branch that nests a
+    # residual block is still a single path (see _bypasses_layer).
+    residual_adds: set[fx.Node] = set()
     for node in block.graph.nodes:
-        operands = _is_add(node) if own_node(node) else None
+        operands = _is_add(node)
         if operands is None:
             continue
-        info = _classify_add(*operands, flow, block.module, costs)
+        info = _classify_add(*operands, flow, block.module, costs, residual_adds)
         if info is None:
+            continue
+        residual_adds.add(node)
+        if not own_node(node):
             continue
         existing, attr = _existing_slot(info["branch"], block.module, block.scope)
         info.update(

@@ -56,7 +56,8 @@ def test_decoys_are_not_residual(cls):
     assert find_residual_sites(cls()) == []
 
 
-@pytest.mark.parametrize("cls", [tm.RepMixerLike, tm.SplitChunks, tm.KxKShortcut, tm.ShapeOnlyMerge])
+@pytest.mark.parametrize("cls", [tm.RepMixerLike, tm.CustomNormRepMixer, tm.SplitChunks, tm.KxKShortcut,
+                                 tm.ShapeOnlyMerge])
 def test_more_decoys_are_not_residual(cls):
     model = cls()
     x = (torch.randn(16, 4, 16), torch.randn(2, 8, 16)) if cls is tm.ShapeOnlyMerge else (torch.randn(2, 8, 8, 8),)
@@ -73,6 +74,19 @@ def test_layer_scaled_branches_are_residual(cls, kind):
     (site,) = find_residual_sites(cls())
     assert site.kind == kind
     assert site.scope == ""
+
+
+@pytest.mark.parametrize("cls, n_sites", [
+    (tm.ForkedOneLayer, 1),  # parallel paths, each through a layer: no bypass
+    (tm.NestedOneLayer, 2),  # a nested residual site is no bypass of the outer branch
+    (tm.GatedOneLayer, 1),  # a product is a gate, not a sum around the layer
+])
+def test_one_layer_branches_without_a_bypass_are_residual(cls, n_sites):
+    model = cls()
+    model(torch.randn(2, 8, 8, 8))
+    sites = find_residual_sites(model)
+    assert [(s.scope, s.kind) for s in sites] == [("", "identity")] * n_sites
+    assert all(s.branch_weight == 1 for s in sites)
 
 
 def test_library_conv_norm_act_counts_as_a_conv():

@@ -5,7 +5,8 @@ A hypothesis-drawn *spec* (nested tuples) describes a model; :class:`SpecModule`
 
 Planted residual adds follow the documented contract of :mod:`regsurgery.analysis`: the branch
 holds >= 2 weighted layers (conv / linear) on its longest chain, or 1 weighted layer plus a
-normalization; a projection shortcut is a chain of single-input nodes with at most one weighted
+normalization and no sum that bypasses the layer (a ``light`` decoy or a fork with a BN identity
+path inside it; a nested residual site is no bypass); a projection shortcut is a chain of single-input nodes with at most one weighted
 layer (conv1x1, conv1x1 + BN, avgpool, avgpool + conv1x1, linear) and the branch is deeper. They
 come in every operand order and add form (``+``, ``torch.add``, ``Tensor.add``, ``+=``, a
 layer-scale multiplier on the branch), inline or in child modules, nested inside other branches,
@@ -100,32 +101,48 @@ class _Gen:
         return ("w", k, cout, stride, wid)
 
 
-def chain_cost(items: tuple) -> tuple[int, bool]:
-    """(weighted layers on the longest chain, holds a norm) of a sequence, per the contract."""
-    weight, norm = 0, False
+def chain_cost(items: tuple) -> tuple[int, bool, bool]:
+    """(weighted layers on the longest chain, holds a norm, holds a layer bypass) of a sequence,
+    per the contract. A *bypass* is a sum of a path through a layer with a layer-free path (the
+    ``light`` decoy, a fork with a BN identity path): a one-layer branch holding one is a
+    reparameterizable block, not a residual branch."""
+    weight, norm, bypass = 0, False, False
     for item in items:
         kind = item[0]
-        if kind in ("w", "reuse", "light"):
+        if kind in ("w", "reuse"):
             weight += 1
+        elif kind == "light":
+            weight += 1
+            bypass = True
         elif kind == "norm":
             norm = True
         elif kind == "fork":
             weight += 1  # parallel one-layer paths: the longest chain has one
             norm = norm or item[2] or any(sub[0] == "norm" for path in item[1] for sub in path)
+            bypass = bypass or item[2]
         elif kind == "attn":
             weight += 2  # q/k/v linear -> (matmuls of activations) -> output linear
         elif kind == "child":
             # A custom leaf costs its depth: the longest chain of weighted layers through its own
-            # graph (at least 1: it holds a layer that computes, its shared ReLU); its norms are
-            # not the branch's normalization.
-            weight += max(chain_cost(item[1])[0], 1)
+            # graph, at least 1 if it holds a layer that computes (norms and activations do
+            # not); its norms are not the branch's normalization, its sums not its bypasses.
+            weight += max(chain_cost(item[1])[0], int(_computes(item[1])))
         elif kind == "res":
-            bw, bn = chain_cost(item[2])
-            pw, pn = chain_cost(tuple(("w",) if s[0] in ("conv1", "linear") else
-                                      ("norm",) if s[0] == "bn" else ("act",) for s in item[3]))
+            # A nested residual site is not a bypass of the enclosing branch; what its own
+            # branch holds is.
+            bw, bn, bb = chain_cost(item[2])
+            pw, pn, _ = chain_cost(tuple(("w",) if s[0] in ("conv1", "linear") else
+                                         ("norm",) if s[0] == "bn" else ("act",) for s in item[3]))
             weight += max(bw, pw)
             norm = norm or bn or pn
-    return weight, norm
+            bypass = bypass or bb
+    return weight, norm, bypass
+
+
+def _computes(items: tuple) -> bool:
+    """Does a child built from ``items`` hold a module other than norms and activations?"""
+    return any(item[0] in ("w", "fork", "light", "emb", "attn", "res")
+               or (item[0] == "child" and _computes(item[1])) for item in items)
 
 
 def _draw_act(draw: Any) -> tuple:
@@ -218,10 +235,11 @@ def _draw_res(draw: Any, g: _Gen, c: int, h: int, depth: int, fixed: bool) -> tu
     h_out = h // stride
     rest, _, _ = _draw_items(draw, g, cout, h_out, depth + 1, draw(st.integers(0, 3)), fixed=True)
     branch += rest
-    # Repair to the contract: identity needs >= 2 weighted, or 1 + norm; projection needs >= 2.
+    # Repair to the contract: identity needs >= 2 weighted, or 1 + norm and no bypass;
+    # projection needs >= 2.
     while True:
-        weight, norm = chain_cost(tuple(branch))
-        if weight >= 2 or (not projection and weight >= 1 and norm):
+        weight, norm, bypass = chain_cost(tuple(branch))
+        if weight >= 2 or (not projection and weight >= 1 and norm and not bypass):
             break
         branch.append(g.weighted(3, cout, cout, 1))
     return ("res", form, tuple(branch), proj), cout, h_out

@@ -293,6 +293,70 @@ class RepMixerLike(nn.Module):
         return x + self.gamma * (self.mixer(x) - self.norm(x))
 
 
+class BatchNormOnly(nn.Module):
+    """A custom module holding only a BN (FastViT's MobileOneBlock with no conv branch)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.identity(x)
+
+
+class CustomNormRepMixer(nn.Module):
+    """Decoy: FastViT's RepMixer as timm builds it, x + gamma * (mixer(x) - norm(x)) with the
+    ``norm`` path a custom module of a BN only: a normalization, not a layer."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.mixer = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.norm = BatchNormOnly(c)
+        self.gamma = nn.Parameter(torch.full((c, 1, 1), 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma * (self.mixer(x) - self.norm(x))
+
+
+class ForkedOneLayer(nn.Module):
+    """Site: x + (bn_a(conv_a(x)) + bn_b(conv_b(x))), parallel one-layer paths that all pass a
+    layer (no layer-free path around it): one normalized layer, reparameterized."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(c, c, 3, 1, 1), nn.BatchNorm2d(c)
+        self.conv_b, self.bn_b = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (self.bn_a(self.conv_a(x)) + self.bn_b(self.conv_b(x)))
+
+
+class NestedOneLayer(nn.Module):
+    """Two sites: y = x + conv(bn(x)) nested in the branch of x + y."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+        self.conv = nn.Conv2d(c, c, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + self.conv(self.bn(x))
+        return x + y
+
+
+class GatedOneLayer(nn.Module):
+    """Site: x + bn(conv(x)) * sigmoid(fc(mean(x))): a product (a gate) is not a bypass."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, 1, 1), nn.BatchNorm2d(c)
+        self.fc = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+        return x + self.bn(self.conv(x)) * gate
+
+
 class ResScaleShortcut(nn.Module):
     """Site: res_scale(x) + ls(pool_mixer(norm(x))) (PoolFormerV2): the shortcut is a learned
     scale of x, an identity in disguise, and the branch is one layer with a norm."""
