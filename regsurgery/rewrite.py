@@ -20,10 +20,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import linecache
+import operator
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -147,6 +149,49 @@ def _insert_ops(graph: fx.Graph, scope: str, ops: list[tuple[str, PlannedOp]]) -
     graph.lint()
 
 
+def add_into_dropped(
+    a: torch.Tensor, b: torch.Tensor, branch_operand: int, branch: torch.Tensor
+) -> torch.Tensor:
+    """``a + b`` where operand ``branch_operand`` is a DropPath output and ``branch`` its input.
+
+    fx records ``x += shortcut`` (timm's ResNet blocks) as an out-of-place add, so a rewritten
+    block would allocate one more feature map per residual than the original. When DropPath
+    drew a mask its output is a fresh product that nothing else reads and whose autograd node
+    saved only its inputs: adding into it in place is safe and gives the same values (an add is
+    commutative, bitwise). When it returned its input unchanged (rate 0, eval) or the operands
+    differ in dtype or shape (promotion, broadcasting), this is the plain add.
+    """
+    out, other = (a, b) if branch_operand == 0 else (b, a)
+    if (
+        out is not branch
+        and isinstance(other, torch.Tensor)
+        # Same dtype and shape (no promotion, no broadcast); plain metadata compiles without
+        # a graph break, where torch.result_type would not.
+        and out.dtype == other.dtype
+        and out.shape == other.shape
+    ):
+        return out.add_(other)
+    return a + b
+
+
+_PLAIN_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+
+
+def _add_into_drop_path_outputs(graph: fx.Graph, drop_path_targets: set[str]) -> None:
+    """Let residual adds write into the fresh output of the DropPath before them (masking mode)."""
+    for node in list(graph.nodes):
+        plain = (node.op == "call_function" and node.target in _PLAIN_ADD_FUNCTIONS) or (
+            node.op == "call_method" and node.target == "add")
+        if not plain or len(node.args) != 2 or node.kwargs:
+            continue
+        for pos, arg in enumerate(node.args):
+            if (isinstance(arg, fx.Node) and arg.op == "call_module" and arg.target in drop_path_targets
+                    and len(arg.users) == 1 and arg.args and isinstance(arg.args[0], fx.Node)):
+                node.op, node.target = "call_function", add_into_dropped
+                node.args = (*node.args, pos, arg.args[0])
+                break
+
+
 def _root_slots(model: nn.Module) -> dict[str, tuple[str, Any]]:
     slots = model.__dict__.get(_SLOTS)
     if slots is None:
@@ -203,6 +248,8 @@ def _prepare_block(model: nn.Module, scope: str, new_ops: list[PlannedOp]) -> tu
     spec = ops[0].params.get("trace_example") if ops else None
     traced = trace_block(block, scope, policy=policy, example=example_from_spec(spec, block) if spec else None)
     _insert_ops(traced.graph, scope, named)
+    _add_into_drop_path_outputs(traced.graph, {
+        target for target, op in named if op.kind == "drop_path" and not op.params.get("skip")})
     train_forward, source = _compile_forward(traced.graph, scope)
     for op in ops:
         if op.kind == "drop_path" and op.params.get("skip"):

@@ -244,3 +244,55 @@ def test_models_that_do_not_trace_as_a_whole(name):
     assert torch.equal(model(x), ref)
     model.train()
     model(x)
+
+
+# ----------------------------------------------------------------------------- in-place residual add
+def test_add_into_dropped_writes_into_the_fresh_drop_path_output_only():
+    from regsurgery.rewrite import add_into_dropped
+
+    branch, shortcut = torch.randn(4, 3), torch.randn(4, 3)
+    fresh = branch * 2.0
+    expected = fresh + shortcut
+    out = add_into_dropped(shortcut, fresh, 1, branch)  # the branch in operand position 1
+    assert out is fresh and torch.equal(out, expected)
+    # DropPath returned its input (rate 0 / eval): never modify the branch in place.
+    kept = branch.clone()
+    out = add_into_dropped(branch, shortcut, 0, branch)
+    assert out is not branch and torch.equal(branch, kept) and torch.equal(out, kept + shortcut)
+    # Promotion or broadcasting: the plain add.
+    half = (branch * 2).half()
+    out = add_into_dropped(half, shortcut, 0, branch)
+    assert out.dtype == torch.float32 and out is not half
+    small = branch[:1] * 2
+    out = add_into_dropped(small, shortcut, 0, branch)
+    assert out.shape == (4, 3) and out is not small
+
+
+def test_masking_rewrite_adds_in_place_and_matches_a_manual_drop_path():
+    """fx records ``x += shortcut`` as an out-of-place add; the rewrite adds into the DropPath
+    output instead (no extra feature map), with the same values and gradients."""
+    timm = pytest.importorskip("timm")
+    block = timm.create_model("resnet18", pretrained=False).layer1[0]
+    patched = apply_stochastic_depth(copy.deepcopy(block), rate=0.5, schedule="uniform")
+    assert "add_into_dropped" in patched._regsurgery_patch.source
+    dp = patched.regsurgery.dp0
+    x = torch.randn(8, 64, 8, 8)
+    block.train(), patched.train()
+
+    def manual(m, inp):
+        s = inp
+        y = m.bn2(m.conv2(m.drop_block(m.act1(m.bn1(m.conv1(inp))))))
+        return m.act2(regsurgery.drop_path(y, dp.p) + s)
+
+    torch.manual_seed(0)
+    xa = x.clone().requires_grad_()
+    out_a = patched(xa)
+    out_a.square().sum().backward()
+    torch.manual_seed(0)
+    xb = x.clone().requires_grad_()
+    out_b = manual(block, xb)
+    out_b.square().sum().backward()
+    assert torch.equal(out_a, out_b)
+    assert torch.equal(xa.grad, xb.grad)
+    for (name, pa), pb in zip(patched.named_parameters(), block.parameters()):
+        assert torch.equal(pa.grad, pb.grad), name
