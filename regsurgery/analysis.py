@@ -407,15 +407,22 @@ def _existing_slot(branch: fx.Node, root: nn.Module, scope: str) -> tuple[Option
     return None, None
 
 
-def _longest_chain(source: fx.Node, body: list[fx.Node], costs: list[_NodeCost]) -> float:
-    """Weighted layers on the deepest path source -> branch: sequential depth, so that parallel
-    single-layer branches summed together (RepVGG) do not add up to a deep branch."""
+def _chain_depths(
+    source: fx.Node, body: list[fx.Node], costs: list[_NodeCost]
+) -> tuple[dict[fx.Node, float], dict[fx.Node, float]]:
+    """Weighted layers on the deepest and on the shallowest path source -> each branch node.
+
+    The deepest path's count is the branch's sequential depth, so that parallel single-layer
+    branches summed together (RepVGG) do not add up to a deep branch; the shallowest tells a path
+    that goes around every layer (see :func:`_bypasses_layer`)."""
     cost = dict(zip(body, costs))
-    depth: dict[fx.Node, float] = {source: 0.0}
+    longest: dict[fx.Node, float] = {source: 0.0}
+    shortest: dict[fx.Node, float] = {source: 0.0}
     for n in body:
-        prior = [depth[i] for i in tensor_inputs(n) if i in depth]
-        depth[n] = (max(prior) if prior else 0.0) + cost[n].weight
-    return depth[body[-1]]
+        ins = [i for i in tensor_inputs(n) if i in longest]
+        longest[n] = (max(longest[i] for i in ins) if ins else 0.0) + cost[n].weight
+        shortest[n] = (min(shortest[i] for i in ins) if ins else 0.0) + cost[n].weight
+    return longest, shortest
 
 
 _MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
@@ -440,7 +447,8 @@ _SUM_METHODS = _ADD_METHODS | {"sub", "sub_"}
 
 
 def _bypasses_layer(
-    source: fx.Node, body: list[fx.Node], costs: list[_NodeCost], residual_adds: set[fx.Node]
+    body: list[fx.Node], longest: dict[fx.Node, float], shortest: dict[fx.Node, float],
+    residual_adds: set[fx.Node],
 ) -> bool:
     """Some sum in the branch adds a path through a weighted layer to a path around every layer.
 
@@ -449,19 +457,15 @@ def _bypasses_layer(
     RepVGG's BN identity path, a conditional position encoding ``y + dwconv(y)``) make a
     reparameterizable block, not a residual branch. A sum that is itself a residual site (a
     residual block nested in the branch) does not count, nor do products (gates, inline SiLU).
+    ``longest`` / ``shortest`` come from :func:`_chain_depths`.
     """
-    cost = dict(zip(body, costs))
-    longest: dict[fx.Node, float] = {source: 0.0}
-    shortest: dict[fx.Node, float] = {source: 0.0}
     for n in body:
-        ins = [i for i in tensor_inputs(n) if i in longest]
-        longest[n] = (max(longest[i] for i in ins) if ins else 0.0) + cost[n].weight
-        shortest[n] = (min(shortest[i] for i in ins) if ins else 0.0) + cost[n].weight
         is_sum = (n.op == "call_function" and n.target in _SUM_FUNCTIONS) or (
             n.op == "call_method" and n.target in _SUM_METHODS)
-        if not is_sum or n in residual_adds or len(ins) < 2:
+        if not is_sum or n in residual_adds:
             continue
-        if any(longest[i] >= 1 for i in ins) and any(shortest[i] == 0 for i in ins):
+        ins = [i for i in tensor_inputs(n) if i in longest]
+        if len(ins) >= 2 and any(longest[i] >= 1 for i in ins) and any(shortest[i] == 0 for i in ins):
             return True
     return False
 
@@ -486,12 +490,13 @@ def _classify_add(
             kind = "projection"
         body = flow.between(source, branch)
         node_costs = [costs.node(n, root) for n in body]
-        weight = _longest_chain(source, body, node_costs)
+        longest, shortest = _chain_depths(source, body, node_costs)
+        weight = longest[body[-1]]
         norm = any(c.norm for c in node_costs)
         if any(c.upsample for c in node_costs):
             continue  # FPN-style top-down merge
         if not (weight >= 2 or (
-                weight >= 1 and not _bypasses_layer(source, body, node_costs, residual_adds)
+                weight >= 1 and not _bypasses_layer(body, longest, shortest, residual_adds)
                 and (norm or any(_is_learned_scale(n, root, costs) for n in body)))):
             continue
         # A chain of scales and identities (PoolFormer's res_scale) is an identity shortcut in

@@ -174,7 +174,9 @@ def add_into_dropped(
     return a + b
 
 
-_PLAIN_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+# Out-of-place adds only: ``operator.iadd`` / ``add_`` write into their first operand, which may
+# be the shortcut, and must keep doing so.
+_PLAIN_ADD_FUNCTIONS = {operator.add, torch.add}
 
 
 def _add_into_drop_path_outputs(graph: fx.Graph, drop_path_targets: set[str]) -> None:
