@@ -1,9 +1,9 @@
 """Residual-site detection against the architectures' authors (issue 3's target).
 
-For every entry of :data:`regsurgery._corpus.CORPUS` the model is built twice: with the
+For every entry of :data:`corpus.CORPUS` the model is built twice: with the
 authors' drop path on (timm ``drop_path_rate``, torchvision ``stochastic_depth_prob``), where one
 forward tells which module forwards call a drop-path module (the ground truth, see
-:mod:`regsurgery._corpus`), and with it off, where ``find_residual_sites`` runs. Sites are
+:mod:`corpus`), and with it off, where ``find_residual_sites`` runs. Sites are
 compared as multisets of scopes; the table prints precision, recall and F1 per model and the
 micro-averaged totals over the corpus. A model that fails to build, to run or to be analysed
 counts as a crash (all its truth sites missed) and the run goes on.
@@ -29,9 +29,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the oracle lives in tests/
 
-from regsurgery._corpus import EXCLUDED, CorpusEntry, authors_placement, entries, prf, score  # noqa: E402
+from corpus import EXCLUDED, CorpusEntry, authors_placement, entries, prf, score  # noqa: E402
 
 
 def _detector() -> tuple[Optional[Callable[..., Any]], Optional[Callable[..., Any]], str]:
@@ -44,7 +44,7 @@ def _detector() -> tuple[Optional[Callable[..., Any]], Optional[Callable[..., An
     report = getattr(regsurgery, "residual_report", None)
     if find is None or report is None:
         try:
-            from regsurgery import analysis
+            from regsurgery.analysis import residual as analysis
         except Exception as exc:
             return find, report, f"regsurgery.analysis does not import: {exc!r}"
         find = find or getattr(analysis, "find_residual_sites", None)

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from regsurgery import apply_stochastic_depth, inserted_modules
-from regsurgery.skip import SkipDropPath
+from regsurgery.ops.skip import SkipDropPath
 
 
 @dataclass

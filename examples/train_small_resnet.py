@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import regsurgery
-from regsurgery.examples_models import tiny_resnet
+from regsurgery.io.examples_models import tiny_resnet
 
 
 def make_gratings(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

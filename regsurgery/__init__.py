@@ -1,15 +1,23 @@
 """regsurgery: structured regularization (DropPath, DropBlock) for any PyTorch model.
 
-Data flow: model -> trace (block-local fx graphs) -> analyse (residual sites, conv stages)
--> plan (plain data) -> rewrite (same model object) -> train (schedules move rates)
--> strip -> export.
+Data flow, one layer per sub-package, dependencies pointing one way (see docs/ARCHITECTURE.md):
+ops <- capture <- analysis <- plan <- rewrite <- api / schedule <- io <- cli.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-from .analysis import ResidualSite, SiteReport, find_residual_sites, residual_report
+from ._version import __version__
+from .analysis.residual import ResidualSite, SiteReport, find_residual_sites, residual_report
+from .analysis.stages import ConvStage, FeatureLayout, describe_feature_layout, find_conv_stages
+from .api import (
+    NoSitesError,
+    apply_dropblock,
+    apply_stochastic_depth,
+    plan_dropblock,
+    plan_stochastic_depth,
+)
+from .io.checkpoint import load
+from .io.export import export_onnx
 from .ops import (
     DropBlock2d,
     DropBlock3d,
@@ -22,48 +30,11 @@ from .ops import (
     expected_drop_fraction,
 )
 from .plan import Plan, PlannedOp
-from .rewrite import apply_plan, inserted_modules, is_patched, plan_of, strip
-from .surgery import (
-    NoSitesError,
-    apply_dropblock,
-    apply_stochastic_depth,
-    plan_dropblock,
-    plan_stochastic_depth,
-)
-
-__version__ = "0.1.0"
-
-# Modules written alongside: imported lazily so that a missing optional piece (onnx, safetensors)
-# never breaks `import regsurgery`.
-_LAZY = {
-    "find_conv_stages": ("stages", "find_conv_stages"),
-    "ConvStage": ("stages", "ConvStage"),
-    "FeatureLayout": ("stages", "FeatureLayout"),
-    "describe_feature_layout": ("stages", "describe_feature_layout"),
-    "RateSchedule": ("schedule", "RateSchedule"),
-    "load": ("checkpoint", "load"),
-    "export_onnx": ("export", "export_onnx"),
-}
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint import load
-    from .export import export_onnx
-    from .schedule import RateSchedule
-    from .stages import ConvStage, FeatureLayout, describe_feature_layout, find_conv_stages
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        module_name, attr = _LAZY[name]
-        value = getattr(importlib.import_module(f".{module_name}", __name__), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'regsurgery' has no attribute {name!r}")
-
+from .rewrite.apply import apply_plan, inserted_modules, is_patched, plan_of, strip
+from .schedule import RateSchedule
 
 __all__ = [
+    "__version__",
     "ConvStage",
     "DropBlock2d",
     "DropBlock3d",

@@ -37,8 +37,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import __version__
-from .checkpoint import (
+from ._version import __version__
+from .analysis.residual import find_residual_sites
+from .analysis.stages import find_conv_stages
+from .api import NoSitesError, plan_dropblock, plan_stochastic_depth
+from .capture.examples import check_example_input
+from .io.checkpoint import (
     OutputPathError,
     atomic_output,
     atomic_write_bytes,
@@ -50,14 +54,17 @@ from .checkpoint import (
     save_patched,
     versions,
 )
-from .modelspec import (
+from .io.export import export_onnx, export_pt2, export_torchscript
+from .io.modelspec import (
     DEFAULT_SPEC,
     ModelSpecError,
     build_model,
     default_input_shape,
     parse_kwargs,
 )
+from .plan import Plan
 from .progress import Progress
+from .rewrite.apply import apply_plan
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -299,8 +306,6 @@ def _example(shape: tuple[int, ...], batch: Optional[int] = None) -> torch.Tenso
 def _checked_example(r: _Resolved) -> torch.Tensor:
     """The example input for ``r.input_shape``, after one eval forward showed the model takes it:
     a wrong ``--input-shape`` fails here, naming the shape given and the one expected."""
-    from .stages import check_example_input
-
     x = _example(r.input_shape)
     check_example_input(r.model, x)
     return x
@@ -318,8 +323,6 @@ def _make_plan(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, site
                notes: Optional[list[str]] = None) -> Any:
     """The plan the options ask for (None when every rate is 0). With ``notes`` (inspect), a part
     that finds no place to go is noted there instead of failing the command."""
-    from .surgery import NoSitesError, plan_dropblock, plan_stochastic_depth
-
     parts = []
     if args.drop_path:
         parts.append(lambda: _call_accepting(
@@ -445,10 +448,6 @@ def _write_plot(path: str, rows: list[dict[str, Any]], stage_rows: list[dict[str
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .analysis import find_residual_sites
-    from .plan import Plan
-    from .stages import find_conv_stages
-
     if args.plot:  # fail before the slow part
         _plot_format(args.plot)
         check_output_path(args.plot, [args.model])
@@ -504,8 +503,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- patch
 def cmd_patch(args: argparse.Namespace) -> int:
-    from .rewrite import apply_plan
-
     if not args.drop_path and not args.drop_block:
         raise UsageError("nothing to do: give --drop-path RATE and/or --drop-block RATE (> 0)")
     inputs = [args.model, args.checkpoint]
@@ -552,8 +549,6 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx, export_pt2, export_torchscript
-
     targets = [(name, path) for name, path in (("onnx", args.onnx), ("torchscript", args.torchscript),
                                                ("pt2", args.pt2)) if path]
     if not targets:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
+from . import ops
 from .plan import check_rate
 
 __all__ = ["RateSchedule", "ScheduleBinding", "RAMPS", "SCHEDULE_FORMAT"]
@@ -60,8 +61,6 @@ class _Entry:
 
 def _kind_of(module: nn.Module, include_existing: bool) -> Optional[tuple[str, str]]:
     """(kind, rate attribute) of a regularizer module, None for anything else."""
-    from . import ops
-
     if isinstance(module, ops.DropPath):
         return "drop_path", "p"
     if isinstance(module, (ops.DropBlock2d, ops.DropBlock3d)):

@@ -23,7 +23,7 @@ import toy_models as tm
 from torch import nn
 
 import regsurgery
-import regsurgery.checkpoint as checkpoint_mod
+import regsurgery.io.checkpoint as checkpoint_mod
 from regsurgery import (
     DropBlock2d,
     DropPath,
@@ -37,10 +37,10 @@ from regsurgery import (
     is_patched,
     plan_stochastic_depth,
 )
-from regsurgery.checkpoint import save_patched
 from regsurgery.cli import main
-from regsurgery.examples_models import TinyResNet
-from regsurgery.rewrite import PlanMismatchError
+from regsurgery.io.checkpoint import save_patched
+from regsurgery.io.examples_models import TinyResNet
+from regsurgery.rewrite.apply import PlanMismatchError
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

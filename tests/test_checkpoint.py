@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from regsurgery.checkpoint import (
+from regsurgery.api import plan_stochastic_depth
+from regsurgery.io.checkpoint import (
     PATCHED_FORMAT,
     CheckpointError,
     KeyMismatchError,
@@ -25,10 +26,9 @@ from regsurgery.checkpoint import (
     read_patched,
     save_patched,
 )
-from regsurgery.examples_models import TinyResNet
+from regsurgery.io.examples_models import TinyResNet
 from regsurgery.plan import Plan
-from regsurgery.rewrite import inserted_modules, is_patched, strip
-from regsurgery.surgery import plan_stochastic_depth
+from regsurgery.rewrite.apply import inserted_modules, is_patched, strip
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_pickled_module_refused_unless_trusted(tmp_path, model, sd):
     with pytest.raises(UnsafeCheckpointError) as err:
         load_state_dict_file(path)
     msg = str(err.value)
-    assert "regsurgery.examples_models.TinyResNet" in msg  # names what it would have to import
+    assert "regsurgery.io.examples_models.TinyResNet" in msg  # names what it would have to import
     assert "weights_only" in msg and "--trust-pickle" in msg and "arbitrary code" in msg
     _equal(load_state_dict_file(path, trust_pickle=True), sd)
 

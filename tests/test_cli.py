@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import regsurgery.checkpoint as checkpoint_mod
-from regsurgery.checkpoint import PATCHED_FORMAT, load
+import regsurgery.io.checkpoint as checkpoint_mod
 from regsurgery.cli import main
-from regsurgery.examples_models import TinyResNet
+from regsurgery.io.checkpoint import PATCHED_FORMAT, load
+from regsurgery.io.examples_models import TinyResNet
 from regsurgery.progress import Progress
-from regsurgery.rewrite import inserted_modules, is_patched
+from regsurgery.rewrite.apply import inserted_modules, is_patched
 
 RANDOM_OPS = {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli",
               "Dropout", "Multinomial"}
@@ -346,7 +346,7 @@ def test_failed_patch_leaves_no_partial_output(tmp_path, capsys, monkeypatch):
 
 
 def test_failed_export_leaves_no_partial_output(tmp_path, capsys, monkeypatch):
-    import regsurgery.export as export_mod
+    import regsurgery.io.export as export_mod
 
     monkeypatch.setattr(export_mod, "onnx_random_nodes", lambda proto: ["n0 (Bernoulli)"])
     out = tmp_path / "m.onnx"
@@ -356,7 +356,7 @@ def test_failed_export_leaves_no_partial_output(tmp_path, capsys, monkeypatch):
 
 
 def test_export_is_all_or_nothing(tmp_path, capsys, monkeypatch):
-    import regsurgery.export as export_mod
+    import regsurgery.io.export as export_mod
 
     def failing_export(*args, **kwargs):
         raise RuntimeError("simulated torch.export failure")

@@ -27,7 +27,7 @@ from regsurgery import (
     inserted_modules,
     strip,
 )
-from regsurgery.examples_models import BasicBlock
+from regsurgery.io.examples_models import BasicBlock
 
 X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 

@@ -1,7 +1,7 @@
 """Detection equals the authors' placement on real timm / torchvision architectures.
 
 The ground truth is read from the same architecture built with its own drop path on
-(:func:`regsurgery._corpus.authors_placement`); detection runs on the model built with it off.
+(:func:`corpus.authors_placement`); detection runs on the model built with it off.
 A subset of ``benchmarks/residual_corpus.py`` chosen to cover every rule of the detector: each
 entry names the pattern it guards.
 """
@@ -12,9 +12,9 @@ from collections import Counter
 
 import pytest
 import torch
+from corpus import authors_placement, get_entry
 
 from regsurgery import residual_report
-from regsurgery._corpus import authors_placement, get_entry
 
 CASES = {
     "timm:resnet50": "bottleneck, 1x1-conv projection shortcut",

@@ -1,4 +1,4 @@
-"""The authors'-placement ground truth (regsurgery._corpus) that the residual corpus benchmark scores against."""
+"""The authors'-placement ground truth (corpus) that the residual corpus benchmark scores against."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import timm
 import timm.layers.drop as timm_drop
 import torch
 import torchvision
+from corpus import CORPUS, authors_placement, authors_sites, get_entry, prf, score
 from torch import nn
 from torch.nn.modules import module as module_hooks
-
-from regsurgery._corpus import CORPUS, authors_placement, authors_sites, get_entry, prf, score
 
 
 def _x(size: int = 32) -> torch.Tensor:

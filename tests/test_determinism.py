@@ -24,7 +24,7 @@ from regsurgery import (
     drop_path,
     inserted_modules,
 )
-from regsurgery.examples_models import TinyResNet
+from regsurgery.io.examples_models import TinyResNet
 
 BATCH = 8
 X = torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from regsurgery import apply_dropblock, apply_stochastic_depth, inserted_modules
-from regsurgery.examples_models import BasicBlock
+from regsurgery.io.examples_models import BasicBlock
 
 WORLD = 2
 STEPS = 3

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 from torch import nn
 
-import regsurgery.export as export_mod
-from regsurgery.examples_models import TinyResNet
-from regsurgery.export import (
+import regsurgery.io.export as export_mod
+from regsurgery.api import plan_dropblock, plan_stochastic_depth
+from regsurgery.io.examples_models import TinyResNet
+from regsurgery.io.export import (
     RANDOM_ONNX_OPS,
     ExportError,
     export_onnx,
@@ -24,8 +25,7 @@ from regsurgery.export import (
     onnx_random_nodes,
     strip_for_export,
 )
-from regsurgery.rewrite import apply_plan, inserted_modules, is_patched
-from regsurgery.surgery import plan_dropblock, plan_stochastic_depth
+from regsurgery.rewrite.apply import apply_plan, inserted_modules, is_patched
 
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 

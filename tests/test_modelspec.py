@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from regsurgery.examples_models import TinyResNet
-from regsurgery.modelspec import (
+from regsurgery.io.examples_models import TinyResNet
+from regsurgery.io.modelspec import (
     DEFAULT_SPEC,
     MissingDependencyError,
     ModelSpecError,
@@ -65,7 +65,7 @@ def test_torchvision_crop_size_from_weights_metadata():
 
 
 def test_callable_spec_and_dotted_attribute():
-    model = build_model("regsurgery.examples_models:TinyResNet", {"num_classes": 4})
+    model = build_model("regsurgery.io.examples_models:TinyResNet", {"num_classes": 4})
     assert isinstance(model, TinyResNet) and model.fc.out_features == 4
     mod = type(sys)("_rs_spec_dotted")
 
@@ -122,7 +122,7 @@ def test_user_file_in_working_directory(tmp_path, monkeypatch):
         ("timm:resnet1800", r"unknown timm model 'resnet1800'; did you mean resnet18"),
         ("torchvision:resnt18", r"unknown torchvision model 'resnt18'; did you mean resnet18"),
         ("regsurgery:exampel", r"did you mean example"),
-        ("regsurgery.examples_models:TinyResNett", r"did you mean TinyResNet"),
+        ("regsurgery.io.examples_models:TinyResNett", r"did you mean TinyResNet"),
         ("no_such_module_rs:build", r"cannot import 'no_such_module_rs'"),
         ("timm:hf-hub:timm/resnet18.a1_in1k", "fetch"),
     ],

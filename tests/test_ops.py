@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from regsurgery.ops import (
+from regsurgery.ops.drop import (
     DropBlock2d,
     DropBlock3d,
     DropPath,
@@ -133,7 +133,7 @@ def test_calibration_edges_and_cache():
     assert calibrate_gamma((7, 7), 7, 0.3) == pytest.approx(0.3)  # one seed: gamma == p
     assert calibrate_gamma((7, 7), 9, 0.3) == calibrate_gamma((7, 7), 7, 0.3)  # clipped block
     assert calibrate_gamma((20, 20), 1, 0.2) == pytest.approx(0.2)  # block 1 is dropout
-    from regsurgery.ops import _cached_gamma
+    from regsurgery.ops.drop import _cached_gamma
 
     before = _cached_gamma.cache_info().hits
     calibrate_gamma((31, 17), 5, 0.123)

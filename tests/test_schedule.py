@@ -230,8 +230,8 @@ def test_existing_third_party_slots() -> None:
 
 
 def test_schedule_on_a_patched_model() -> None:
-    from regsurgery.examples_models import tiny_resnet
-    from regsurgery.surgery import apply_dropblock
+    from regsurgery.api import apply_dropblock
+    from regsurgery.io.examples_models import tiny_resnet
 
     model = tiny_resnet()
     apply_dropblock(model, rate=0.1, block_size=3, example_inputs=torch.randn(1, 3, 64, 64))

@@ -30,7 +30,7 @@ from regsurgery import (
     plan_stochastic_depth,
     strip,
 )
-from regsurgery.skip import SkipDropPath, skip_drop_path
+from regsurgery.ops.skip import SkipDropPath, skip_drop_path
 
 timm = pytest.importorskip("timm")
 

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from regsurgery.stages import (
+from regsurgery.analysis.stages import (
     ConvStage,
     FeatureLayout,
     describe_feature_layout,
@@ -178,7 +178,7 @@ def test_torchvision_resnet18_inferred_input_and_sites() -> None:
 
 
 def test_sites_argument_and_bottleneck_interior() -> None:
-    from regsurgery.analysis import find_residual_sites
+    from regsurgery.analysis.residual import find_residual_sites
 
     model = timm.create_model("resnet50", pretrained=False)
     sites = find_residual_sites(model)

@@ -248,7 +248,7 @@ def test_models_that_do_not_trace_as_a_whole(name):
 
 # ----------------------------------------------------------------------------- in-place residual add
 def test_add_into_dropped_writes_into_the_fresh_drop_path_output_only():
-    from regsurgery.rewrite import add_into_dropped
+    from regsurgery.rewrite.apply import add_into_dropped
 
     branch, shortcut = torch.randn(4, 3), torch.randn(4, 3)
     fresh = branch * 2.0

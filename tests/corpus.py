@@ -462,7 +462,7 @@ CORPUS: list[CorpusEntry] = [
     _tv("convnext_tiny", "convnext", 64),
     _tv("swin_t", "swin", 224, ctor="torchvision.models.swin_transformer:SwinTransformer",
         window_size=[7, 7], **_SWIN_T),
-    _tv("swin_v2_t", "swin", 256, ctor="regsurgery._corpus:_torchvision_swin_v2", window_size=[8, 8], **_SWIN_T),
+    _tv("swin_v2_t", "swin", 256, ctor="corpus:_torchvision_swin_v2", window_size=[8, 8], **_SWIN_T),
     _tv("maxvit_t", "hybrid", 224, ctor="torchvision.models.maxvit:MaxVit", input_size=(224, 224),
         stem_channels=64, partition_size=7, block_channels=[64, 128, 256, 512], block_layers=[2, 2, 5, 2],
         head_dim=32),

@@ -29,12 +29,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .plan import Plan, PlannedOp, check_rate
-from .tracing import example_from_spec, get_submodule, trace_block
+from .. import ops
+from ..capture.fx import CONTAINER, example_from_spec, get_submodule, trace_block
+from ..plan import Plan, PlannedOp, check_rate
+from .skip import bind_skip_module, insert_skip, make_skip_module
 
 __all__ = ["apply_plan", "strip", "is_patched", "inserted_modules", "patched_scopes", "PlanMismatchError"]
 
-CONTAINER = "regsurgery"  # name of the ModuleDict child holding a block's inserted modules
 _STATE = "_regsurgery_patch"  # per-block patch state (instance attribute)
 _SLOTS = "_regsurgery_slots"  # on the root: original rates of existing slots we changed
 _counter = itertools.count()
@@ -72,13 +73,9 @@ def _own_patched_forward() -> Callable[..., Any]:
 
 
 def _make_module(op: PlannedOp) -> nn.Module:
-    from . import ops
-
     params = dict(op.params)
     p = check_rate(f"p of {op.kind} at {op.scope or '<root>'}:{op.anchor}", params.get("p", 0.0))
     if op.kind == "drop_path" and params.get("skip"):
-        from .skip import make_skip_module
-
         return make_skip_module(op)
     if op.kind == "drop_path":
         return ops.DropPath(p, mode=params.get("mode", "row"), scale_by_keep=params.get("scale_by_keep", True))
@@ -119,8 +116,6 @@ def _insert_ops(graph: fx.Graph, scope: str, ops: list[tuple[str, PlannedOp]]) -
     for target, op in ordered:
         anchor = lookup(op.anchor, "anchor", op)
         if op.kind == "drop_path" and op.params.get("skip"):
-            from .skip import insert_skip
-
             # The branch becomes its own callable run only for kept samples (issue: skip mode).
             insert_skip(graph, target, op, anchor=anchor, user=lookup(op.user or "", "user", op))
             continue
@@ -255,8 +250,6 @@ def _prepare_block(model: nn.Module, scope: str, new_ops: list[PlannedOp]) -> tu
     train_forward, source = _compile_forward(traced.graph, scope)
     for op in ops:
         if op.kind == "drop_path" and op.params.get("skip"):
-            from .skip import bind_skip_module
-
             bind_skip_module(modules[op.key], block, traced.graph, op)
     return block, _PatchState(ops=ops, modules=modules, train_forward=train_forward, source=source)
 

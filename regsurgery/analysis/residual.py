@@ -40,7 +40,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .tracing import (
+from ..capture.examples import infer_example_input
+from ..capture.fx import (
     BlockGraph,
     TraceFailure,
     capture_block_inputs,
@@ -559,8 +560,6 @@ def _specialize_failures(
         return items
     try:
         if example_inputs is None:
-            from .stages import infer_example_input
-
             x = infer_example_input(model)
             # batch 2, so no decision is specialized on a batch of one
             example_inputs = x.expand(2, *x.shape[1:]).clone() if x.shape[0] == 1 else x

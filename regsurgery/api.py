@@ -10,10 +10,12 @@ from typing import Any, Optional, Union
 import torch.fx as fx
 from torch import nn
 
-from .analysis import ResidualSite, residual_report
+from .analysis.residual import ResidualSite, residual_report
+from .analysis.skip import skip_blocker
+from .analysis.stages import find_conv_stages
+from .capture.fx import example_from_spec, get_submodule, module_of, require_module, trace_block
 from .plan import Plan, PlannedOp, ScheduleFn, check_rate, depth_rates, scope_selected
-from .rewrite import apply_plan
-from .tracing import example_from_spec, get_submodule, module_of, require_module, trace_block
+from .rewrite.apply import apply_plan
 
 __all__ = [
     "plan_stochastic_depth",
@@ -81,8 +83,6 @@ def plan_stochastic_depth(
         p = rates[site.depth]
         skip = False
         if skip_dropped:
-            from .skip import skip_blocker
-
             reason = skip_blocker(model, site, mode)
             skip = reason is None
             if reason is not None:
@@ -240,8 +240,6 @@ def plan_dropblock(
     :func:`regsurgery.find_conv_stages` or negative ones counted from the last stage. The block
     size is clipped per site to the stage's map size.
     """
-    from .stages import find_conv_stages
-
     require_module(model)
     rate = check_rate("rate", rate)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:

@@ -36,6 +36,11 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .._version import __version__
+from ..plan import Plan
+from ..rewrite.apply import PlanMismatchError, apply_plan
+from .modelspec import build_model
+
 __all__ = [
     "PATCHED_FORMAT",
     "CheckpointError",
@@ -400,8 +405,6 @@ def _check_plain(value: Any, where: str) -> None:
 
 def versions() -> dict[str, str]:
     """Versions of the packages that shape a patched model (stored in recipes)."""
-    from . import __version__
-
     out = {"torch": str(torch.__version__), "regsurgery": str(__version__)}
     for name in ("timm", "torchvision"):
         try:
@@ -508,10 +511,6 @@ def read_patched(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
 def load_patched(path: PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a patched model: ``(model, recipe)``. See :func:`load`."""
-    from .modelspec import build_model
-    from .plan import Plan
-    from .rewrite import PlanMismatchError, apply_plan
-
     path = os.fspath(path)
     state_dict, recipe = read_patched(path)
     model = build_model(recipe["model"], recipe.get("kwargs") or {})

@@ -30,6 +30,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..ops import RegularizerModule
+
 __all__ = [
     "BlockGraph",
     "TraceFailure",
@@ -47,6 +49,9 @@ __all__ = [
 
 #: Leaf policies, tried in this order. "children": every submodule is a leaf.
 #: "library": only torch.nn built-ins, norms and known no-trace modules are leaves.
+#: Name of the ModuleDict child that holds a patched block's inserted modules.
+CONTAINER = "regsurgery"
+
 POLICIES = ("children", "library")
 
 
@@ -59,10 +64,7 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
 
 
 def _regularizer_types() -> tuple[type, ...]:
-    from . import ops  # late: ops is optional while the package is being built
-
-    base = getattr(ops, "RegularizerModule", None)
-    return (base,) if base is not None else ()
+    return (RegularizerModule,)
 
 
 def is_drop_path_slot(module: nn.Module) -> bool:

@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 from torch import nn
 
+from .examples_models import EXAMPLES
+
 __all__ = [
     "ModelSpecError",
     "MissingDependencyError",
@@ -144,8 +146,6 @@ def _build_torchvision(name: str, spec: str, kwargs: dict[str, Any]) -> nn.Modul
 
 
 def _build_example(name: str, spec: str, kwargs: dict[str, Any]) -> nn.Module:
-    from .examples_models import EXAMPLES
-
     if name not in EXAMPLES:
         raise ModelSpecError(
             f"unknown built-in model {name!r}{_suggest(name, sorted(EXAMPLES))} "

@@ -29,8 +29,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..progress import Progress
+from ..rewrite.apply import strip
 from .checkpoint import PathLike, atomic_output
-from .progress import Progress
 
 __all__ = [
     "ExportError",
@@ -92,8 +93,6 @@ class ExportReport:
 # --------------------------------------------------------------------------- helpers
 def strip_for_export(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every regsurgery insertion removed, in eval mode."""
-    from .rewrite import strip
-
     clone = copy.deepcopy(model)
     strip(clone)
     return clone.eval()

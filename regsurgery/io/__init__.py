@@ -1,0 +1,1 @@
+"""Files: checkpoints (safe loading, recipes as data, atomic writes), model specs, export."""

@@ -1,0 +1,29 @@
+"""The regularizer ops: a functional form and a thin module for each (DropPath, DropBlock,
+skip-compute DropPath), and the argument checks they share."""
+
+from .drop import (
+    DropBlock2d,
+    DropBlock3d,
+    DropPath,
+    RegularizerModule,
+    calibrate_gamma,
+    drop_block2d,
+    drop_block3d,
+    drop_path,
+    expected_drop_fraction,
+)
+from .skip import SkipDropPath, skip_drop_path
+
+__all__ = [
+    "RegularizerModule",
+    "drop_path",
+    "DropPath",
+    "drop_block2d",
+    "drop_block3d",
+    "DropBlock2d",
+    "DropBlock3d",
+    "calibrate_gamma",
+    "expected_drop_fraction",
+    "skip_drop_path",
+    "SkipDropPath",
+]
