@@ -13,7 +13,8 @@ from torch import nn
 from .analysis.residual import ResidualSite, residual_report
 from .analysis.skip import skip_blocker
 from .analysis.stages import find_conv_stages
-from .capture.fx import example_from_spec, get_submodule, module_of, require_module, trace_block
+from .capture.fx import get_submodule, module_of, require_module
+from .capture.model import ModelCapture, capture_model
 from .plan import Plan, PlannedOp, ScheduleFn, check_rate, depth_rates, scope_selected
 from .rewrite.apply import apply_plan
 
@@ -49,6 +50,7 @@ def plan_stochastic_depth(
     skip_dropped: bool = False,
     example_inputs: Optional[Any] = None,
     sites: Optional[list[ResidualSite]] = None,
+    capture: Optional[ModelCapture] = None,
 ) -> Plan:
     """Plan one DropPath per residual call site, rates by depth (see :func:`apply_stochastic_depth`).
 
@@ -59,7 +61,9 @@ def plan_stochastic_depth(
     rate = check_rate("rate", rate)
     if mode not in DROP_PATH_MODES:
         raise ValueError(f"mode must be one of {DROP_PATH_MODES}, got {mode!r}")
-    report = residual_report(model, example_inputs) if sites is None else None
+    if capture is None and sites is None:
+        capture = capture_model(model, example_inputs)
+    report = residual_report(capture) if sites is None else None
     all_sites = sites if sites is not None else report.sites
     if not all_sites:
         why = ""
@@ -83,7 +87,7 @@ def plan_stochastic_depth(
         p = rates[site.depth]
         skip = False
         if skip_dropped:
-            reason = skip_blocker(model, site, mode)
+            reason = skip_blocker(model, site, mode, capture=capture)
             skip = reason is None
             if reason is not None:
                 fallbacks.append({"scope": site.scope, "add": site.add, "reason": reason})
@@ -167,9 +171,11 @@ def apply_stochastic_depth(
     shapes): they are traced specialized on one forward of it (inferred from the model when
     possible), with run-time guards.
     """
-    plan = plan_stochastic_depth(model, rate, schedule, mode, include, exclude,
-                                 skip_dropped=skip_dropped, example_inputs=example_inputs)
     model = _maybe_copy(model, inplace)
+    capture = capture_model(model, example_inputs)  # once: analysis, planning and rewrite share it
+    plan = plan_stochastic_depth(model, rate, schedule, mode, include, exclude,
+                                 skip_dropped=skip_dropped, example_inputs=example_inputs,
+                                 capture=capture)
     existing = plan.meta["drop_path"]["existing_slots"]
     fallbacks = plan.meta["drop_path"]["skip_fallbacks"]
     if fallbacks:
@@ -184,7 +190,7 @@ def apply_stochastic_depth(
             f"(e.g. {existing[0]!r}): their rates were set instead of inserting new ones",
             stacklevel=2,
         )
-    return apply_plan(model, plan)
+    return apply_plan(model, plan, capture=capture)
 
 
 # ----------------------------------------------------------------------------- DropBlock
@@ -212,9 +218,8 @@ def _after_conv_anchor(node: fx.Node, block: nn.Module) -> fx.Node:
     return node
 
 
-def _branch_conv_anchors(block: nn.Module, scope: str, site: ResidualSite) -> list[str]:
-    example = example_from_spec(site.trace_example, block) if site.trace_example else None
-    graph = trace_block(block, scope, policy=site.trace_policy, example=example).graph
+def _branch_conv_anchors(block: nn.Module, capture: ModelCapture, site: ResidualSite) -> list[str]:
+    graph = capture.block(site.scope, site.trace_policy).graph
     body = set(site.branch_nodes)
     anchors = []
     for node in graph.nodes:
@@ -231,6 +236,8 @@ def plan_dropblock(
     where: Sequence[str] = ("branch", "skip"),
     example_inputs: Optional[Any] = None,
     per_channel: bool = False,
+    *,
+    capture: Optional[ModelCapture] = None,
 ) -> Plan:
     """Plan DropBlock (Ghiasi et al., NeurIPS 2018) in the chosen conv stages.
 
@@ -248,7 +255,8 @@ def plan_dropblock(
     bad = [w for w in where if w not in DROPBLOCK_WHERE]
     if bad or not where:
         raise ValueError(f"where must be a non-empty subset of {DROPBLOCK_WHERE}, got {where!r}")
-    found = find_conv_stages(model, example_inputs)
+    capture = capture if capture is not None else capture_model(model, example_inputs)
+    found = find_conv_stages(model, example_inputs, sites=residual_report(capture).sites)
     if not found:
         raise NoSitesError(
             f"{type(model).__name__} has no conv stages (4-D NCHW feature maps) for DropBlock"
@@ -276,7 +284,7 @@ def plan_dropblock(
             block = get_submodule(model, site.scope)
             common = dict(kind="drop_block", scope=site.scope, depth=site.depth, site=site.index)
             if "branch" in where:
-                for anchor in _branch_conv_anchors(block, site.scope, site):
+                for anchor in _branch_conv_anchors(block, capture, site):
                     ops.append(PlannedOp(anchor=anchor, user=None, role="conv", params=dict(
                         params, trace_policy=site.trace_policy, trace_example=site.trace_example), **common))
             if "skip" in where:
@@ -314,6 +322,8 @@ def apply_dropblock(
     ``inplace`` chooses mutation or a patched copy); the two compose in either order, and
     :func:`regsurgery.strip` removes both.
     """
-    plan = plan_dropblock(model, rate, block_size, stages, where, example_inputs, per_channel)
     model = _maybe_copy(model, inplace)
-    return apply_plan(model, plan)
+    capture = capture_model(model, example_inputs)
+    plan = plan_dropblock(model, rate, block_size, stages, where, example_inputs, per_channel,
+                          capture=capture)
+    return apply_plan(model, plan, capture=capture)

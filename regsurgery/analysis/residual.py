@@ -40,15 +40,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture.examples import infer_example_input
 from ..capture.fx import (
     BlockGraph,
     TraceFailure,
-    capture_block_inputs,
-    example_from_spec,
     is_drop_path_slot,
     is_library_module,
-    iter_block_graphs,
     module_of,
     own_node,
     qualified,
@@ -56,6 +52,7 @@ from ..capture.fx import (
     tensor_inputs,
     trace_block,
 )
+from ..capture.model import ModelCapture, capture_model
 
 __all__ = ["ResidualSite", "SiteReport", "find_residual_sites", "analyse_block", "residual_report"]
 
@@ -190,8 +187,9 @@ class _Costs:
     (MobileOne, RepVGG) is one layer deep however many convs it holds.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capture: Optional[ModelCapture] = None) -> None:
         self._depth: dict[int, float] = {}
+        self._capture = capture
 
     def module_depth(self, module: nn.Module) -> float:
         key = id(module)
@@ -205,7 +203,8 @@ class _Costs:
         # one with no children (a layer-scale multiplier) is a scale, not a layer.
         floor = 1.0 if _computes(module) else 0.0
         try:
-            graph = trace_block(module).graph
+            captured = self._capture.graph_of(module) if self._capture is not None else None
+            graph = captured if captured is not None else trace_block(module).graph
         except Exception:  # untraceable: count its weighted layers, an upper bound of its depth
             weighted = sum(isinstance(m, _WEIGHTED_TYPES) for m in module.modules())
             return max(float(weighted), floor)
@@ -551,46 +550,8 @@ def analyse_block(block: BlockGraph, costs: Optional[_Costs] = None) -> list[dic
     return found
 
 
-def _specialize_failures(
-    model: nn.Module, items: list[Union[BlockGraph, TraceFailure]], example_inputs: Any
-) -> list[Union[BlockGraph, TraceFailure]]:
-    """Retrace blocks that failed on control flow, specialized on example arguments."""
-    failed = [i.scope for i in items if isinstance(i, TraceFailure) and "control flow" in i.reason]
-    if not failed:
-        return items
-    try:
-        if example_inputs is None:
-            x = infer_example_input(model)
-            # batch 2, so no decision is specialized on a batch of one
-            example_inputs = x.expand(2, *x.shape[1:]).clone() if x.shape[0] == 1 else x
-        specs = capture_block_inputs(model, failed, example_inputs)
-    except Exception as exc:
-        note = f"; a specialized trace needs example_inputs ({type(exc).__name__}: {str(exc)[:120]})"
-        return [TraceFailure(i.scope, i.type_name, i.reason + note)
-                if isinstance(i, TraceFailure) and i.scope in failed else i for i in items]
-    out: list[Union[BlockGraph, TraceFailure]] = []
-    for item in items:
-        spec = specs.get(item.scope) if isinstance(item, TraceFailure) else None
-        if spec is None:
-            if isinstance(item, TraceFailure) and item.scope in failed:
-                item = TraceFailure(item.scope, item.type_name,
-                                    item.reason + "; not called by the example forward")
-            out.append(item)
-            continue
-        module = model if item.scope == "" else model.get_submodule(item.scope)
-        try:
-            block = trace_block(module, item.scope, example=example_from_spec(spec, module))
-        except Exception as exc:
-            out.append(TraceFailure(item.scope, item.type_name,
-                                    f"{item.reason}; specialized trace: {type(exc).__name__}: {str(exc)[:120]}"))
-            continue
-        block.example = spec
-        out.append(block)
-    return out
-
-
 def residual_report(
-    model_or_blocks: Union[nn.Module, Iterable[Union[BlockGraph, TraceFailure]]],
+    model_or_blocks: Union[nn.Module, ModelCapture, Iterable[Union[BlockGraph, TraceFailure]]],
     example_inputs: Optional[Any] = None,
 ) -> SiteReport:
     """All residual sites of a model, with the modules that could not be traced.
@@ -602,15 +563,17 @@ def residual_report(
     """
     if isinstance(model_or_blocks, (str, bytes)) or not isinstance(model_or_blocks, (nn.Module, Iterable)):
         require_module(model_or_blocks)
+    capture: Optional[ModelCapture] = None
     if isinstance(model_or_blocks, nn.Module):
-        items = _specialize_failures(model_or_blocks, list(iter_block_graphs(model_or_blocks)), example_inputs)
-    else:
-        items = list(model_or_blocks)
+        capture = capture_model(model_or_blocks, example_inputs)
+    elif isinstance(model_or_blocks, ModelCapture):
+        capture = model_or_blocks
+    items = list(capture if capture is not None else model_or_blocks)
     sites: list[ResidualSite] = []
     skipped: list[TraceFailure] = []
     traced = 0
     depth_of: dict[str, int] = {}
-    costs = _Costs()
+    costs = _Costs(capture)
     for item in items:
         if isinstance(item, TraceFailure):
             skipped.append(item)

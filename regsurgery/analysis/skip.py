@@ -26,6 +26,7 @@ from ..capture.fx import (
     tensor_inputs,
     trace_block,
 )
+from ..capture.model import ModelCapture
 from ..ops.drop import _check_mode
 from .residual import _MAX_PROJECTION_CHAIN, ResidualSite, _Dataflow, _is_add
 
@@ -290,7 +291,9 @@ def _inplace_module_blocker(block: nn.Module, parts: BranchParts) -> Optional[st
     return None
 
 
-def skip_blocker(model: nn.Module, site: ResidualSite, mode: str) -> Optional[str]:
+def skip_blocker(
+    model: nn.Module, site: ResidualSite, mode: str, capture: Optional[ModelCapture] = None
+) -> Optional[str]:
     """None if the branch of ``site`` can be skipped in ``mode``, else a short reason.
 
     Both modes need a branch that can be cut out of its block: its intermediate values are not
@@ -305,9 +308,12 @@ def skip_blocker(model: nn.Module, site: ResidualSite, mode: str) -> Optional[st
     """
     _check_mode(mode)
     block = get_submodule(model, site.scope)
-    spec = getattr(site, "trace_example", None)  # blocks traced specialized on example inputs
-    example = example_from_spec(spec) if spec else None
-    graph = trace_block(block, site.scope, policy=site.trace_policy, example=example).graph
+    if capture is not None:
+        graph = capture.block(site.scope, site.trace_policy).graph
+    else:
+        spec = getattr(site, "trace_example", None)  # blocks traced specialized on example inputs
+        example = example_from_spec(spec) if spec else None
+        graph = trace_block(block, site.scope, policy=site.trace_policy, example=example).graph
     nodes = {n.name: n for n in graph.nodes}
     if site.branch not in nodes or site.add not in nodes:
         return f"the block graph has no node {site.branch!r} / {site.add!r} (model changed since analysis?)"

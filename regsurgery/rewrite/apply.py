@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import ops
 from ..capture.fx import CONTAINER, example_from_spec, get_submodule, trace_block
+from ..capture.model import ModelCapture, copy_graph
 from ..plan import Plan, PlannedOp, check_rate
 from .skip import bind_skip_module, insert_skip, make_skip_module
 
@@ -216,7 +217,9 @@ def _set_slot_rate(model: nn.Module, op: PlannedOp) -> None:
         module.mode = op.params["mode"]
 
 
-def _prepare_block(model: nn.Module, scope: str, new_ops: list[PlannedOp]) -> tuple[nn.Module, _PatchState]:
+def _prepare_block(
+    model: nn.Module, scope: str, new_ops: list[PlannedOp], capture: Optional[ModelCapture] = None
+) -> tuple[nn.Module, _PatchState]:
     """Trace a block and build its new patch state (nothing is installed yet)."""
     try:
         block = get_submodule(model, scope)
@@ -243,14 +246,19 @@ def _prepare_block(model: nn.Module, scope: str, new_ops: list[PlannedOp]) -> tu
         counts[op.kind] += 1
     policy = ops[0].params.get("trace_policy") if ops else None
     spec = ops[0].params.get("trace_example") if ops else None
-    traced = trace_block(block, scope, policy=policy, example=example_from_spec(spec, block) if spec else None)
-    _insert_ops(traced.graph, scope, named)
-    _add_into_drop_path_outputs(traced.graph, {
+    if capture is not None and old is None and capture.model is model:
+        # The block as analysed, copied: the capture is shared and must not change.
+        graph = copy_graph(capture.block(scope, policy).graph)
+    else:  # a plan from a file, or a block patched before: trace its class forward now
+        graph = trace_block(block, scope, policy=policy,
+                            example=example_from_spec(spec, block) if spec else None).graph
+    _insert_ops(graph, scope, named)
+    _add_into_drop_path_outputs(graph, {
         target for target, op in named if op.kind == "drop_path" and not op.params.get("skip")})
-    train_forward, source = _compile_forward(traced.graph, scope)
+    train_forward, source = _compile_forward(graph, scope)
     for op in ops:
         if op.kind == "drop_path" and op.params.get("skip"):
-            bind_skip_module(modules[op.key], block, traced.graph, op)
+            bind_skip_module(modules[op.key], block, graph, op)
     return block, _PatchState(ops=ops, modules=modules, train_forward=train_forward, source=source)
 
 
@@ -272,7 +280,7 @@ def _install(block: nn.Module, state: _PatchState) -> None:
     block.__dict__["forward"] = types.MethodType(_own_patched_forward(), block)
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan, *, capture: Optional[ModelCapture] = None) -> nn.Module:
     """Apply ``plan`` to ``model`` in place and return it.
 
     Every block is traced and rewritten before anything is installed, so a plan that does not fit
@@ -289,7 +297,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             slot_ops.append(op)
         else:
             by_scope.setdefault(op.scope, []).append(op)
-    prepared = [_prepare_block(model, scope, ops) for scope, ops in by_scope.items()]
+    prepared = [_prepare_block(model, scope, ops, capture) for scope, ops in by_scope.items()]
     for op in slot_ops:  # validate before mutating
         get_submodule(model, op.params["module"]) if op.params.get("module") else None
     for block, state in prepared:
