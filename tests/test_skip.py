@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import toy_models as tm
+from tolerances import assert_close_reduced, model_reduction
 from torch import nn
 
 from regsurgery import (
@@ -160,10 +161,12 @@ def _step(model: nn.Module, seed: int, *inputs: torch.Tensor):
 def _assert_same_step(ref: nn.Module, skip: nn.Module, seed: int, *inputs: torch.Tensor) -> None:
     out_ref, g_ref = _step(ref, seed, *inputs)
     out_skip, g_skip = _step(skip, seed, *inputs)
-    torch.testing.assert_close(out_skip, out_ref)
+    # Skipping runs the branch on fewer rows: the same math in another summation order.
+    reduction, depth = model_reduction(ref, *inputs)
+    assert_close_reduced(out_skip, out_ref, reduction, depth, "output")
     assert g_ref.keys() == g_skip.keys()
     for name in g_ref:
-        torch.testing.assert_close(g_skip[name], g_ref[name], msg=lambda m, n=name: f"grad of {n}: {m}")
+        assert_close_reduced(g_skip[name], g_ref[name], reduction, 2 * depth, f"grad of {name}")
 
 
 def _count_rows(layers: list[nn.Module]) -> list[int]:

@@ -21,6 +21,7 @@ reported as a :class:`TraceFailure`, never raised.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import math
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ __all__ = [
 #: Name of the ModuleDict child that holds a patched block's inserted modules.
 CONTAINER = "regsurgery"
 
-POLICIES = ("children", "library")
+POLICIES = ("children", "library", "children+defaults", "library+defaults")
+_DEFAULTS = "+defaults"  # suffix: non-tensor default arguments traced as guarded constants
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
@@ -282,7 +284,7 @@ class TraceFailure:
 @contextlib.contextmanager
 def _training_flags(module: nn.Module, training: bool) -> Iterator[None]:
     """Temporarily set every module's training flag; restore each one's own afterwards."""
-    saved = [(m, m.training) for m in module.modules()]
+    saved = [(m, m.training) for m in module.modules() if m.training != training]
     try:
         for m, _ in saved:
             m.training = training
@@ -314,19 +316,52 @@ def trace_block(
     last_error: Optional[BaseException] = None
     for pol in policies:
         where = f"block {scope or '<root>'} ({type(module).__name__})"
-        tracer = BlockTracer(pol) if example is None else SpecializingTracer(pol, *example, where=where)
+        base = pol[: -len(_DEFAULTS)] if pol.endswith(_DEFAULTS) else pol
+        concrete = _constant_defaults(module) if pol.endswith(_DEFAULTS) else None
+        if pol.endswith(_DEFAULTS) and (not concrete or example is not None):
+            continue
+        tracer = BlockTracer(base) if example is None else SpecializingTracer(base, *example, where=where)
         try:
             with _training_flags(module, True):
-                graph = tracer.trace(module)
+                graph = tracer.trace(module, concrete_args=concrete)
         except Exception as exc:  # fx raises many types: TraceError, TypeError, NameError, ...
             last_error = exc
             continue
+        if concrete:
+            _restore_parameter_names(graph, concrete)
         if isinstance(tracer, SpecializingTracer):
             tracer.insert_guards(graph)
             pol = f"specialized:{pol}"
         return BlockGraph(scope=scope, module=module, graph=graph, policy=pol)
     assert last_error is not None
     raise last_error
+
+
+def _constant_defaults(module: nn.Module) -> dict[str, Any]:
+    """Forward parameters whose default is a non-tensor constant (``pre_logits=False``,
+    ``mask=None``): traced as those constants, fx guards each (a call with another value fails
+    loudly in the patched train forward instead of taking the traced branch silently)."""
+    try:
+        sig = inspect.signature(type(module).forward)
+    except (TypeError, ValueError):
+        return {}
+    out: dict[str, Any] = {}
+    for name, param in list(sig.parameters.items())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if param.default is None or isinstance(param.default, (bool, int, float, str)):
+            out[name] = param.default
+    return out
+
+
+def _restore_parameter_names(graph: fx.Graph, concrete: dict[str, Any]) -> None:
+    """fx renames a constant parameter ``p`` to ``p_1``: give the generated forward its real
+    parameter name back, so callers passing it by keyword still match."""
+    for node in graph.nodes:
+        if node.op == "placeholder" and isinstance(node.target, str):
+            stem = node.target.rsplit("_", 1)[0]
+            if node.target not in concrete and stem in concrete:
+                node.target = stem
 
 
 # ----------------------------------------------------------------------------- example arguments
@@ -409,6 +444,23 @@ def _has_own_forward(module: nn.Module) -> bool:
     return type(module).forward is not nn.Module.forward
 
 
+_NORM_OR_ACTIVATION = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softmax, nn.Identity,
+)
+
+
+def holds_no_own_add(module: nn.Module) -> bool:
+    """Modules whose own forward cannot perform a residual add, known without tracing: the
+    torch.nn containers' own chaining forward, and childless subclasses of torch.nn norms and
+    activations (timm LayerNorm2d, GELU): no weighted layer can sit in a branch there."""
+    for container in (nn.Sequential, nn.ModuleList, nn.ModuleDict):
+        if isinstance(module, container) and type(module).forward is container.forward:
+            return True
+    return isinstance(module, _NORM_OR_ACTIVATION) and next(module.children(), None) is None
+
+
 def iter_block_graphs(model: nn.Module) -> Iterator[BlockGraph | TraceFailure]:
     """Trace every module of ``model`` that has its own forward, in registration order.
 
@@ -417,7 +469,7 @@ def iter_block_graphs(model: nn.Module) -> Iterator[BlockGraph | TraceFailure]:
     are only leaves for their parents). A module registered under two names is traced once.
     """
     for scope, module in model.named_modules():
-        if _is_builtin_module(module) or not _has_own_forward(module):
+        if _is_builtin_module(module) or not _has_own_forward(module) or holds_no_own_add(module):
             continue
         try:
             yield trace_block(module, scope)

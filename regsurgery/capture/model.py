@@ -90,9 +90,14 @@ class ModelCapture:
         return block
 
     def graph_of(self, module: nn.Module) -> Optional[fx.Graph]:
-        """The unspecialized graph of ``module``'s own forward if it was captured, else None."""
+        """The unspecialized graph of ``module``'s own forward, captured now if it was not yet
+        (children the analysis looks into but that hold no residual add of their own); None for a
+        block only captured specialized on its arguments. Raises what tracing raises."""
         item = self._by_module.get(id(module))
-        if item is None or item.example is not None:
+        if item is None:
+            item = trace_block(module)
+            self._by_module[id(module)] = item
+        if item.example is not None:
             return None
         return item.graph
 
