@@ -25,19 +25,16 @@ DEFAULT_MODELS = ["resnet50", "convnext_tiny", "swin_tiny_patch4_window7_224",
                   "vit_small_patch16_224", "efficientnet_b0"]
 
 
-def _median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     torch.manual_seed(0)
     ratios = []
@@ -46,10 +43,13 @@ def main() -> None:
         model = timm.create_model(name, pretrained=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            base = _median_time(lambda: torch.fx.symbolic_trace(model), args.repeat)
-            copies = [copy.deepcopy(model) for _ in range(args.repeat)]
-            it = iter(copies)
-            cost = _median_time(lambda: regsurgery.apply_stochastic_depth(next(it), rate=0.1), args.repeat)
+            # Interleaved, so that a load change on the machine hits both sides alike.
+            base_t, cost_t = [], []
+            for _ in range(args.repeat):
+                fresh = copy.deepcopy(model)
+                base_t.append(_timed(lambda: torch.fx.symbolic_trace(model)))
+                cost_t.append(_timed(lambda: regsurgery.apply_stochastic_depth(fresh, rate=0.1)))
+            base, cost = statistics.median(base_t), statistics.median(cost_t)
         ratio = cost / base
         ratios.append(ratio)
         print(f"{name:34s} {base * 1e3:12.1f}ms {cost * 1e3:8.1f}ms {ratio:6.2f}x", flush=True)

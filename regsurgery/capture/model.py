@@ -14,6 +14,7 @@ A capture is the interface a second backend (example-driven, torch.export) produ
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -31,6 +32,7 @@ from .fx import (
     iter_block_graphs,
     trace_block,
 )
+from .session import tracing_session
 
 __all__ = ["ModelCapture", "capture_model", "copy_graph", "specialize_failures"]
 
@@ -38,12 +40,8 @@ Item = Union[BlockGraph, TraceFailure]
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
-    """A deep copy of ``graph`` with the same node names (and metadata)."""
-    new = fx.Graph()
-    val_map: dict[fx.Node, fx.Node] = {}
-    out = new.graph_copy(graph, val_map)
-    new.output(out)
-    return new
+    """A deep copy of ``graph`` with the same node names, types, metadata and code generator."""
+    return copy.deepcopy(graph)
 
 
 @dataclass
@@ -140,5 +138,6 @@ def specialize_failures(model: nn.Module, items: list[Item], example_inputs: Any
 
 def capture_model(model: nn.Module, example_inputs: Any = None) -> ModelCapture:
     """Capture every block of ``model`` once (see the module docstring)."""
-    items = specialize_failures(model, list(iter_block_graphs(model)), example_inputs)
+    with tracing_session():
+        items = specialize_failures(model, list(iter_block_graphs(model)), example_inputs)
     return ModelCapture(model=model, items=items)
