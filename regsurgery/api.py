@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -15,7 +16,17 @@ from .analysis.skip import skip_blocker
 from .analysis.stages import find_conv_stages
 from .capture.fx import get_submodule, module_of, require_module
 from .capture.model import ModelCapture, capture_model
-from .plan import Plan, PlannedOp, ScheduleFn, check_rate, depth_rates, scope_selected
+from .plan import (
+    DropBlockParams,
+    DropPathParams,
+    Plan,
+    PlannedOp,
+    ScheduleFn,
+    SetRateParams,
+    check_rate,
+    depth_rates,
+    scope_selected,
+)
 from .rewrite.apply import apply_plan
 
 __all__ = [
@@ -97,7 +108,7 @@ def plan_stochastic_depth(
                 slots_seen.add(site.existing)
                 ops.append(PlannedOp(
                     kind="set_rate", scope=site.scope, depth=site.depth, site=site.index, role="branch",
-                    params={"module": site.existing, "attr": site.existing_attr or "p", "p": 0.0},
+                    params=SetRateParams(module=site.existing, attr=site.existing_attr or "p", p=0.0),
                 ))
         if site.existing and not skip:
             if site.existing in slots_seen:
@@ -105,14 +116,14 @@ def plan_stochastic_depth(
             slots_seen.add(site.existing)
             ops.append(PlannedOp(
                 kind="set_rate", scope=site.scope, depth=site.depth, site=site.index, role="branch",
-                params={"module": site.existing, "attr": site.existing_attr or "p", "p": p, "mode": mode},
+                params=SetRateParams(module=site.existing, attr=site.existing_attr or "p", p=p, mode=mode),
             ))
         else:
             ops.append(PlannedOp(
                 kind="drop_path", scope=site.scope, anchor=site.branch, user=site.add, role="branch",
                 depth=site.depth, site=site.index,
-                params={"p": p, "mode": mode, "trace_policy": site.trace_policy,
-                        "trace_example": site.trace_example, "skip": skip},
+                params=DropPathParams(p=p, mode=mode, trace_policy=site.trace_policy,
+                                      trace_example=site.trace_example, skip=skip),
             ))
     if selected == 0:
         raise NoSitesError(
@@ -279,17 +290,19 @@ def plan_dropblock(
             continue
         h, w = stage.size
         bs = max(1, min(block_size, h, w))
-        params = {"p": rate, "block_size": bs, "per_channel": per_channel, "dims": 2}
         for site in stage.sites:
             block = get_submodule(model, site.scope)
-            common = dict(kind="drop_block", scope=site.scope, depth=site.depth, site=site.index)
+            params = DropBlockParams(p=rate, block_size=bs, per_channel=per_channel, dims=2,
+                                     trace_policy=site.trace_policy, trace_example=site.trace_example)
+            places = []
             if "branch" in where:
-                for anchor in _branch_conv_anchors(block, capture, site):
-                    ops.append(PlannedOp(anchor=anchor, user=None, role="conv", params=dict(
-                        params, trace_policy=site.trace_policy, trace_example=site.trace_example), **common))
+                places += [(anchor, None, "conv") for anchor in _branch_conv_anchors(block, capture, site)]
             if "skip" in where:
-                ops.append(PlannedOp(anchor=site.shortcut, user=site.add, role="skip", params=dict(
-                    params, trace_policy=site.trace_policy, trace_example=site.trace_example), **common))
+                places.append((site.shortcut, site.add, "skip"))
+            for anchor, user, role in places:
+                ops.append(PlannedOp(kind="drop_block", scope=site.scope, anchor=anchor, user=user,
+                                     role=role, depth=site.depth, site=site.index,
+                                     params=dataclasses.replace(params)))
     if not ops:
         raise NoSitesError(
             f"the chosen stages {tuple(stages)} of {type(model).__name__} hold no residual site with "

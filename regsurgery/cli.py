@@ -358,15 +358,15 @@ def _site_rows(sites: list[Any], stages: list[Any], plan: Any) -> list[dict[str,
     for s in sites:
         mine = [op for op in ops if getattr(op, "site", None) == s.index
                 or (getattr(op, "site", None) is None and op.scope == s.scope)]
-        dp = [op.params.get("p") for op in mine if op.kind in ("drop_path", "set_rate")]
+        dp = [op.params.p for op in mine if op.kind in ("drop_path", "set_rate")]
         db = [op for op in mine if op.kind == "drop_block"]
         rows.append({
             "index": s.index, "scope": s.scope, "depth": s.depth, "kind": s.kind,
             "existing": s.existing, "stage": stage_of.get(s.index),
             "drop_path": dp[0] if dp else None,
-            "drop_block": db[0].params.get("p") if db else None,
+            "drop_block": db[0].params.p if db else None,
             "drop_block_ops": len(db),
-            "block_size": db[0].params.get("block_size") if db else None,
+            "block_size": db[0].params.block_size if db else None,
         })
     return rows
 
@@ -532,7 +532,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for op in plan.ops:
         counts[op.kind] = counts.get(op.kind, 0) + 1
-    dp = [op.params.get("p", 0.0) for op in plan.ops if op.kind in ("drop_path", "set_rate")]
+    dp = [op.params.p for op in plan.ops if op.kind in ("drop_path", "set_rate")]
     parts = []
     if dp:
         slots = counts.get("set_rate", 0)

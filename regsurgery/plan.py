@@ -11,11 +11,16 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Optional, Union
 
 __all__ = [
+    "OpParams",
+    "DropPathParams",
+    "DropBlockParams",
+    "SetRateParams",
+    "PARAMS_OF_KIND",
     "PlannedOp",
     "Plan",
     "PLAN_FORMAT",
@@ -25,7 +30,6 @@ __all__ = [
 ]
 
 PLAN_FORMAT = "regsurgery.plan/1"
-OP_KINDS = ("drop_path", "drop_block", "set_rate")
 
 #: A schedule maps (depth, number of depths, rate) to the rate of that depth.
 ScheduleFn = Callable[[int, int, float], float]
@@ -43,6 +47,82 @@ def check_rate(name: str, value: Any) -> float:
 
 
 @dataclass
+class OpParams:
+    """Arguments of one planned op; a dataclass per op kind, plain JSON on disk.
+
+    ``get`` / ``[]`` / ``in`` read fields by name, for code written against the dict params of
+    plans before typed ops; new code reads attributes.
+    """
+
+    p: float = 0.0
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default) if name in self._names() else default
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names():
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._names() and getattr(self, name) is not None
+
+    @classmethod
+    def _names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    @classmethod
+    def from_dict(cls, kind: str, data: Mapping[str, Any]) -> OpParams:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"params of a {kind} op must be an object, got {type(data).__name__}")
+        unknown = sorted(set(data) - cls._names())
+        if unknown:
+            raise ValueError(
+                f"unknown field(s) {unknown} in the params of a {kind} op; known: {sorted(cls._names())}"
+            )
+        return cls(**data)
+
+
+@dataclass
+class DropPathParams(OpParams):
+    """``drop_path``: a DropPath (or skip-compute SkipDropPath) on a residual branch."""
+
+    mode: str = "row"
+    scale_by_keep: bool = True
+    skip: bool = False
+    trace_policy: Optional[str] = None
+    trace_example: Optional[dict[str, Any]] = None
+
+
+@dataclass
+class DropBlockParams(OpParams):
+    """``drop_block``: a DropBlock2d (``dims=2``) or DropBlock3d after a conv or on a skip."""
+
+    block_size: int = 7
+    per_channel: bool = False
+    dims: int = 2
+    trace_policy: Optional[str] = None
+    trace_example: Optional[dict[str, Any]] = None
+
+
+@dataclass
+class SetRateParams(OpParams):
+    """``set_rate``: the rate ``attr`` of an existing regularizer slot ``module`` (qualified name)."""
+
+    module: str = ""
+    attr: str = "p"
+    mode: Optional[str] = None
+
+
+#: The params dataclass of each op kind.
+PARAMS_OF_KIND: dict[str, type[OpParams]] = {
+    "drop_path": DropPathParams,
+    "drop_block": DropBlockParams,
+    "set_rate": SetRateParams,
+}
+
+
+@dataclass
 class PlannedOp:
     """One regularizer to insert (or one existing slot whose rate to set).
 
@@ -52,8 +132,8 @@ class PlannedOp:
     user:    if set, only this node's use of ``anchor`` is rewired (e.g. the residual add);
              otherwise every use is.
     role:    ``"branch"``, ``"skip"`` or ``"conv"`` (after a conv layer of a branch).
-    params:  the op's arguments (``p``, ``mode``, ``block_size``, ...); for ``set_rate``:
-             ``module`` (qualified name), ``attr`` and ``p``.
+    params:  the op's arguments, a dataclass of the kind (:data:`PARAMS_OF_KIND`); a dict is
+             converted (unknown fields are a ValueError naming them).
     """
 
     kind: str
@@ -63,18 +143,42 @@ class PlannedOp:
     role: str = "branch"
     depth: int = 0
     site: Optional[int] = None
-    params: dict[str, Any] = field(default_factory=dict)
+    params: Any = None
 
     def __post_init__(self) -> None:
-        if self.kind not in OP_KINDS:
-            raise ValueError(f"PlannedOp.kind must be one of {OP_KINDS}, got {self.kind!r}")
+        if self.kind not in PARAMS_OF_KIND:
+            raise ValueError(f"PlannedOp.kind must be one of {tuple(PARAMS_OF_KIND)}, got {self.kind!r}")
+        cls = PARAMS_OF_KIND[self.kind]
+        if self.params is None:
+            self.params = cls()
+        elif isinstance(self.params, Mapping):
+            self.params = cls.from_dict(self.kind, self.params)
+        elif type(self.params) is not cls:
+            raise TypeError(
+                f"params of a {self.kind} op must be {cls.__name__} or a dict, got {type(self.params).__name__}"
+            )
 
     @property
     def key(self) -> tuple:
         """Two ops with the same key are the same insertion (re-applying replaces, never doubles)."""
-        if self.kind == "set_rate":
-            return (self.kind, self.params.get("module"))
+        if isinstance(self.params, SetRateParams):
+            return (self.kind, self.params.module)
         return (self.kind, self.scope, self.anchor, self.user)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["params"] = {k: v for k, v in asdict(self.params).items() if v is not None}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlannedOp:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a plan op must be an object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown} in a plan op; known: {sorted(known)}")
+        return cls(**data)
 
 
 @dataclass
@@ -85,14 +189,14 @@ class Plan:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": PLAN_FORMAT, "meta": dict(self.meta), "ops": [asdict(op) for op in self.ops]}
+        return {"format": PLAN_FORMAT, "meta": dict(self.meta), "ops": [op.to_dict() for op in self.ops]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"not a regsurgery plan (expected format {PLAN_FORMAT!r}, got {found!r})")
-        return cls(ops=[PlannedOp(**op) for op in data.get("ops", [])], meta=dict(data.get("meta", {})))
+        return cls(ops=[PlannedOp.from_dict(op) for op in data.get("ops", [])], meta=dict(data.get("meta", {})))
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
@@ -108,7 +212,7 @@ class Plan:
 
     def rates(self) -> dict[str, float]:
         """Planned rate per op, keyed ``kind@scope:anchor`` (for printing)."""
-        return {f"{op.kind}@{op.scope}:{op.anchor or op.params.get('module')}": op.params.get("p", 0.0)
+        return {f"{op.kind}@{op.scope}:{op.anchor or op.params.get('module')}": op.params.p
                 for op in self.ops}
 
 

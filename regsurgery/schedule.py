@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
-from . import ops
+from .ops.slots import slot_kind
 from .plan import check_rate
 
 __all__ = ["RateSchedule", "ScheduleBinding", "RAMPS", "SCHEDULE_FORMAT"]
@@ -61,24 +61,7 @@ class _Entry:
 
 def _kind_of(module: nn.Module, include_existing: bool) -> Optional[tuple[str, str]]:
     """(kind, rate attribute) of a regularizer module, None for anything else."""
-    if isinstance(module, ops.DropPath):
-        return "drop_path", "p"
-    if isinstance(module, (ops.DropBlock2d, ops.DropBlock3d)):
-        return "drop_block", "p"
-    if not include_existing or isinstance(module, ops.RegularizerModule):
-        return None
-    # timm (drop_prob) and torchvision (p) modules, e.g. slots a plan set the rate of. Matched by
-    # class name so that neither library has to be imported.
-    name = type(module).__name__
-    attr = "drop_prob" if hasattr(module, "drop_prob") else "p"
-    value = getattr(module, attr, None)
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        return None
-    if name in ("DropPath", "StochasticDepth") or name.endswith("DropPath"):
-        return "drop_path", attr
-    if name.startswith("DropBlock"):
-        return "drop_block", attr
-    return None
+    return slot_kind(module, include_existing)
 
 
 def _named_candidates(model_or_modules: Any) -> list[tuple[str, nn.Module]]:

@@ -180,7 +180,7 @@ def test_deterministic_algorithms_skip_mode(mode):
         warnings.simplefilter("error")  # LayerNorm branches: no site may fall back to masking
         apply_stochastic_depth(model, rate=0.5, mode=mode, skip_dropped=True)
     plan = regsurgery.plan_of(model)
-    assert all(op.params.get("skip") for op in plan.ops)
+    assert all(op.params.skip for op in plan.ops)
     _deterministic_runs(model.train(), TOKENS)
 
 

@@ -218,8 +218,8 @@ def test_timm_existing_slots_are_neutralised_and_restored():
     plan = plan_stochastic_depth(model, rate=0.4, skip_dropped=True)
     set_rates = [op for op in plan.ops if op.kind == "set_rate"]
     # timm puts a DropPath only where its own rate is > 0: blocks.1 (linspace(0, 0.1, 2)).
-    assert sorted(op.params["module"] for op in set_rates) == ["blocks.1.drop_path1", "blocks.1.drop_path2"]
-    assert all(op.params["p"] == 0.0 for op in set_rates)
+    assert sorted(op.params.module for op in set_rates) == ["blocks.1.drop_path1", "blocks.1.drop_path2"]
+    assert all(op.params.p == 0.0 for op in set_rates)
     apply_stochastic_depth(model, rate=0.4, skip_dropped=True)
     assert model.blocks[1].drop_path1.drop_prob == 0.0
     assert isinstance(model.blocks[1].regsurgery.dp0, SkipDropPath)
@@ -425,7 +425,7 @@ def test_plan_round_trip_and_reapply():
     fresh = copy.deepcopy(model)
     apply_stochastic_depth(model, 0.5, skip_dropped=True)
     plan = Plan.from_json(plan_of(model).to_json())
-    assert [op.params["skip"] for op in plan.ops] == [True] * 4
+    assert [op.params.skip for op in plan.ops] == [True] * 4
     apply_plan(fresh, plan)
     before = inserted_modules(fresh)
     apply_plan(fresh, plan)  # merging keeps (and rebinds) the same module objects

@@ -53,6 +53,7 @@ from ..capture.fx import (
     trace_block,
 )
 from ..capture.model import ModelCapture, capture_model
+from ..ops.slots import rate_attr
 
 __all__ = ["ResidualSite", "SiteReport", "find_residual_sites", "analyse_block", "residual_report"]
 
@@ -393,7 +394,7 @@ def _existing_slot(branch: fx.Node, root: nn.Module, scope: str) -> tuple[Option
         if node.op == "call_module":
             m = module_of(node, root)
             if m is not None and is_drop_path_slot(m):
-                attr = "drop_prob" if hasattr(m, "drop_prob") else "p"
+                attr = rate_attr(m)
                 return qualified(scope, str(node.target)), attr
         inputs = tensor_inputs(node)
         if not inputs:

@@ -14,6 +14,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..ops.slots import training_flags
+
 __all__ = [
     "ModuleCall",
     "DEFAULT_IMAGE_SIZE",
@@ -220,22 +222,17 @@ def run_recorded(model: nn.Module, args: tuple[Any, ...]) -> list[ModuleCall]:
 
         return hook
 
-    # Each module's own flag is restored: a model in train mode with frozen (eval) BNs stays so.
-    flags = [(m, m.training) for m in model.modules()]
     handles = []
     try:
         # named_modules() yields a module registered under two names once, under its first name.
         for name, m in model.named_modules():
             handles.append(m.register_forward_pre_hook(pre_hook))
             handles.append(m.register_forward_hook(make_hook(name), with_kwargs=True))
-        model.eval()
-        with torch.no_grad():
+        with training_flags(model, False), torch.no_grad():
             model(*args)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags:
-            m.training = flag
     return calls
 
 
@@ -269,13 +266,8 @@ def check_example_input(model: nn.Module, example_inputs: Any) -> None:
     arguments); a failure is a ValueError naming the input given and the one the model expects.
     The model's training flags are restored."""
     args = as_args(example_inputs)
-    flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with training_flags(model, False), torch.no_grad():
             model(*args)
     except Exception as exc:
         raise _example_failure(model, args, False, exc) from exc
-    finally:
-        for m, flag in flags:
-            m.training = flag

@@ -20,7 +20,6 @@ reported as a :class:`TraceFailure`, never raised.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import itertools
 import math
@@ -32,6 +31,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..ops import RegularizerModule
+from ..ops.slots import is_drop_path_slot, training_flags
 
 __all__ = [
     "BlockGraph",
@@ -67,14 +67,6 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
 
 def _regularizer_types() -> tuple[type, ...]:
     return (RegularizerModule,)
-
-
-def is_drop_path_slot(module: nn.Module) -> bool:
-    """True for an existing stochastic-depth module: regsurgery's, timm's, torchvision's or alike."""
-    if isinstance(module, _regularizer_types()):
-        return type(module).__name__ == "DropPath"
-    name = type(module).__name__
-    return name in ("DropPath", "StochasticDepth") or name.endswith("DropPath")
 
 
 def is_library_module(module: nn.Module) -> bool:
@@ -224,7 +216,7 @@ class SpecializingTracer(BlockTracer):
             if kind == "call_module":
                 module = self.root.get_submodule(str(target))
                 # Eval mode: computing example values must not move BatchNorm statistics.
-                with _training_flags(module, False):
+                with training_flags(module, False):
                     return module(*cargs, **ckwargs)
         return _UNKNOWN
 
@@ -281,19 +273,6 @@ class TraceFailure:
     reason: str
 
 
-@contextlib.contextmanager
-def _training_flags(module: nn.Module, training: bool) -> Iterator[None]:
-    """Temporarily set every module's training flag; restore each one's own afterwards."""
-    saved = [(m, m.training) for m in module.modules() if m.training != training]
-    try:
-        for m, _ in saved:
-            m.training = training
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
-
-
 def trace_block(
     module: nn.Module,
     scope: str = "",
@@ -322,7 +301,7 @@ def trace_block(
             continue
         tracer = BlockTracer(base) if example is None else SpecializingTracer(base, *example, where=where)
         try:
-            with _training_flags(module, True):
+            with training_flags(module, True):
                 graph = tracer.trace(module, concrete_args=concrete)
         except Exception as exc:  # fx raises many types: TraceError, TypeError, NameError, ...
             last_error = exc
@@ -432,7 +411,7 @@ def capture_block_inputs(
 
     handles = [get_submodule(model, s).register_forward_pre_hook(hook, with_kwargs=True) for s in scopes]
     try:
-        with _training_flags(model, False), torch.no_grad():
+        with training_flags(model, False), torch.no_grad():
             model(*args)
     finally:
         for h in handles:

@@ -32,7 +32,7 @@ from torch import nn
 from .. import ops
 from ..capture.fx import CONTAINER, example_from_spec, get_submodule, trace_block
 from ..capture.model import ModelCapture, copy_graph
-from ..plan import Plan, PlannedOp, check_rate
+from ..plan import DropBlockParams, DropPathParams, Plan, PlannedOp, SetRateParams, check_rate
 from .skip import bind_skip_module, insert_skip, make_skip_module
 
 __all__ = ["apply_plan", "strip", "is_patched", "inserted_modules", "patched_scopes", "PlanMismatchError"]
@@ -74,16 +74,20 @@ def _own_patched_forward() -> Callable[..., Any]:
 
 
 def _make_module(op: PlannedOp) -> nn.Module:
-    params = dict(op.params)
-    p = check_rate(f"p of {op.kind} at {op.scope or '<root>'}:{op.anchor}", params.get("p", 0.0))
-    if op.kind == "drop_path" and params.get("skip"):
-        return make_skip_module(op)
-    if op.kind == "drop_path":
-        return ops.DropPath(p, mode=params.get("mode", "row"), scale_by_keep=params.get("scale_by_keep", True))
-    if op.kind == "drop_block":
-        cls = ops.DropBlock3d if params.get("dims", 2) == 3 else ops.DropBlock2d
-        return cls(p, block_size=int(params.get("block_size", 7)), per_channel=bool(params.get("per_channel", False)))
+    params = op.params
+    p = check_rate(f"p of {op.kind} at {op.scope or '<root>'}:{op.anchor}", params.p)
+    if isinstance(params, DropPathParams):
+        if params.skip:
+            return make_skip_module(op)
+        return ops.DropPath(p, mode=params.mode, scale_by_keep=params.scale_by_keep)
+    if isinstance(params, DropBlockParams):
+        cls = ops.DropBlock3d if params.dims == 3 else ops.DropBlock2d
+        return cls(p, block_size=int(params.block_size), per_channel=bool(params.per_channel))
     raise ValueError(f"cannot build a module for op kind {op.kind!r}")
+
+
+def _is_skip(op: PlannedOp) -> bool:
+    return isinstance(op.params, DropPathParams) and op.params.skip
 
 
 def _compile_forward(graph: fx.Graph, scope: str) -> tuple[Callable[..., Any], str]:
@@ -113,10 +117,10 @@ def _insert_ops(graph: fx.Graph, scope: str, ops: list[tuple[str, PlannedOp]]) -
     per_user: dict[tuple[str, str], fx.Node] = {}
     # All-uses ops first, so a later user-specific op sees the already transformed value; skip
     # ops last: they replace the add, so other ops on that add (DropBlock on the shortcut) go first.
-    ordered = sorted(ops, key=lambda item: (item[1].user is not None, bool(item[1].params.get("skip"))))
+    ordered = sorted(ops, key=lambda item: (item[1].user is not None, _is_skip(item[1])))
     for target, op in ordered:
         anchor = lookup(op.anchor, "anchor", op)
-        if op.kind == "drop_path" and op.params.get("skip"):
+        if _is_skip(op):
             # The branch becomes its own callable run only for kept samples (issue: skip mode).
             insert_skip(graph, target, op, anchor=anchor, user=lookup(op.user or "", "user", op))
             continue
@@ -199,8 +203,10 @@ def _root_slots(model: nn.Module) -> dict[str, tuple[str, Any]]:
 
 
 def _set_slot_rate(model: nn.Module, op: PlannedOp) -> None:
-    name = op.params["module"]
-    attr = op.params.get("attr", "p")
+    params = op.params
+    assert isinstance(params, SetRateParams)
+    name = params.module
+    attr = params.attr
     try:
         module = get_submodule(model, name)
     except AttributeError:
@@ -209,12 +215,12 @@ def _set_slot_rate(model: nn.Module, op: PlannedOp) -> None:
         ) from None
     if not hasattr(module, attr):
         raise PlanMismatchError(f"module {name!r} ({type(module).__name__}) has no rate attribute {attr!r}")
-    p = check_rate(f"p of the existing slot {name}", op.params.get("p", 0.0))
+    p = check_rate(f"p of the existing slot {name}", params.p)
     _root_slots(model).setdefault(name, (attr, getattr(module, attr)))
     setattr(module, attr, p)
-    if "mode" in op.params and hasattr(module, "mode") and isinstance(module.mode, str):
+    if params.mode is not None and hasattr(module, "mode") and isinstance(module.mode, str):
         _root_slots(model).setdefault(name + "#mode", ("mode", module.mode))
-        module.mode = op.params["mode"]
+        module.mode = params.mode
 
 
 def _prepare_block(
@@ -237,15 +243,15 @@ def _prepare_block(
     for op in ops:
         module = old.modules.get(op.key) if old else None
         if module is not None:
-            module.p = check_rate(f"p of {op.kind} at {scope or '<root>'}:{op.anchor}", op.params.get("p", 0.0))
+            module.p = check_rate(f"p of {op.kind} at {scope or '<root>'}:{op.anchor}", op.params.p)
         else:
             module = _make_module(op)
         modules[op.key] = module
         short = "dp" if op.kind == "drop_path" else "db"
         named.append((f"{CONTAINER}.{short}{counts[op.kind]}", op))
         counts[op.kind] += 1
-    policy = ops[0].params.get("trace_policy") if ops else None
-    spec = ops[0].params.get("trace_example") if ops else None
+    policy = getattr(ops[0].params, "trace_policy", None) if ops else None
+    spec = getattr(ops[0].params, "trace_example", None) if ops else None
     if capture is not None and old is None and capture.model is model:
         # The block as analysed, copied: the capture is shared and must not change.
         graph = copy_graph(capture.block(scope, policy).graph)
@@ -254,10 +260,10 @@ def _prepare_block(
                             example=example_from_spec(spec, block) if spec else None).graph
     _insert_ops(graph, scope, named)
     _add_into_drop_path_outputs(graph, {
-        target for target, op in named if op.kind == "drop_path" and not op.params.get("skip")})
+        target for target, op in named if op.kind == "drop_path" and not _is_skip(op)})
     train_forward, source = _compile_forward(graph, scope)
     for op in ops:
-        if op.kind == "drop_path" and op.params.get("skip"):
+        if _is_skip(op):
             bind_skip_module(modules[op.key], block, graph, op)
     return block, _PatchState(ops=ops, modules=modules, train_forward=train_forward, source=source)
 
@@ -299,7 +305,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, capture: Optional[ModelCapture] 
             by_scope.setdefault(op.scope, []).append(op)
     prepared = [_prepare_block(model, scope, ops, capture) for scope, ops in by_scope.items()]
     for op in slot_ops:  # validate before mutating
-        get_submodule(model, op.params["module"]) if op.params.get("module") else None
+        get_submodule(model, op.params.module) if op.params.module else None
     for block, state in prepared:
         _install(block, state)
     for op in slot_ops:
@@ -353,7 +359,7 @@ def plan_of(model: nn.Module) -> Plan:
         state: Optional[_PatchState] = m.__dict__.get(_STATE)
         if state is not None:
             for op in state.ops:
-                live = dict(op.params, p=float(state.modules[op.key].p))
+                live = dataclasses.replace(op.params, p=float(state.modules[op.key].p))
                 ops.append(dataclasses.replace(op, params=live))
     for key, (attr, _orig) in (model.__dict__.get(_SLOTS) or {}).items():
         if "#" in key:

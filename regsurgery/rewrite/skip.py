@@ -18,7 +18,7 @@ from torch import nn
 
 from ..analysis.skip import NotSkippable, branch_parts, optional_input
 from ..ops.skip import SkipDropPath, code_copy, skip_drop_path
-from ..plan import PlannedOp
+from ..plan import DropPathParams, PlannedOp
 
 __all__ = ["make_skip_module", "insert_skip", "bind_skip_module"]
 
@@ -28,8 +28,9 @@ _counter = itertools.count()
 
 def make_skip_module(op: PlannedOp) -> SkipDropPath:
     """The module of a ``drop_path`` op with ``params["skip"]`` (called by ``rewrite._make_module``)."""
-    return SkipDropPath(float(op.params.get("p", 0.0)), mode=op.params.get("mode", "row"),
-                        scale_by_keep=bool(op.params.get("scale_by_keep", True)))
+    params = op.params
+    assert isinstance(params, DropPathParams)
+    return SkipDropPath(float(params.p), mode=params.mode, scale_by_keep=bool(params.scale_by_keep))
 
 
 
