@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 import torch.fx as fx
 from torch import nn
 
-from .analysis.residual import ResidualSite, residual_report
+from .analysis.residual import ResidualSite, SiteReport, residual_report
 from .analysis.skip import skip_blocker
 from .analysis.stages import find_conv_stages
 from .capture.fx import get_submodule, module_of, require_module
@@ -72,10 +72,10 @@ def plan_stochastic_depth(
     rate = check_rate("rate", rate)
     if mode not in DROP_PATH_MODES:
         raise ValueError(f"mode must be one of {DROP_PATH_MODES}, got {mode!r}")
-    if capture is None and sites is None:
-        capture = capture_model(model, example_inputs)
-    report = residual_report(capture) if sites is None else None
-    all_sites = sites if sites is not None else report.sites
+    report: Optional[SiteReport] = None
+    if sites is None:
+        report = residual_report(capture if capture is not None else capture_model(model, example_inputs))
+    all_sites = sites if sites is not None else report.sites if report is not None else []
     if not all_sites:
         why = ""
         if report is not None and report.skipped:
@@ -294,7 +294,7 @@ def plan_dropblock(
             block = get_submodule(model, site.scope)
             params = DropBlockParams(p=rate, block_size=bs, per_channel=per_channel, dims=2,
                                      trace_policy=site.trace_policy, trace_example=site.trace_example)
-            places = []
+            places: list[tuple[str, Optional[str], str]] = []
             if "branch" in where:
                 places += [(anchor, None, "conv") for anchor in _branch_conv_anchors(block, capture, site)]
             if "skip" in where:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper
+from tolerances import assert_close_reduced, model_reduction
 from torch import nn
 
 import regsurgery.io.export as export_mod
@@ -178,7 +179,8 @@ def test_torchscript_and_pt2_match_untouched(pair, tmp_path, fn, suffix):
             assert not any("dropout" in k or "bernoulli" in k or "rand" in k for k in kinds)
         else:
             got = torch.export.load(rep.path).module()(x)
-    assert torch.allclose(got, expected, atol=1e-5)
+    reduction, depth = model_reduction(untouched, x)  # the exporters may fuse and reorder sums
+    assert_close_reduced(got, expected, reduction, depth)
 
 
 @pytest.mark.parametrize("fn, suffix", [(export_torchscript, ".ts"), (export_pt2, ".pt2")])

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from tolerances import assert_close_reduced, model_reduction
 from torch import nn
 
 from regsurgery.ops.drop import (
@@ -490,7 +491,8 @@ def test_fx_leaf_modules_stay_stochastic():
     assert torch.allclose(gm(x), net(x))
     plain = net.conv(x)
     plain = 2 * (plain + net.branch(plain))  # db3 sees two identical depth slices, summed
-    assert torch.allclose(gm(x), plain, atol=1e-5)
+    reduction, depth = model_reduction(net, x)
+    assert_close_reduced(gm(x), plain, reduction, depth)
 
 
 def _compile_counts(module: nn.Module, shape: tuple, backend: str) -> int:
@@ -554,4 +556,5 @@ def test_onnx_eval_export_has_no_random_nodes(tmp_path):
     assert not ops & random_ops, ops
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
-    assert torch.allclose(torch.from_numpy(got), net(x), atol=1e-5)
+    reduction, depth = model_reduction(net, x)  # onnxruntime's kernels sum in their own order
+    assert_close_reduced(torch.from_numpy(got), net(x), reduction, depth)

@@ -81,7 +81,7 @@ _WEIGHTED_METHODS = {"matmul", "bmm", "mm"}
 _NORM_FUNCTIONS = {F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.normalize}
 _UPSAMPLE_FUNCTIONS = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
 if hasattr(nn, "RMSNorm"):
-    _NORM_TYPES = (*_NORM_TYPES, nn.RMSNorm)
+    _NORM_TYPES = (*_NORM_TYPES, nn.RMSNorm)  # type: ignore[assignment]
 if hasattr(F, "rms_norm"):
     _NORM_FUNCTIONS.add(F.rms_norm)
 
@@ -569,7 +569,9 @@ def residual_report(
         capture = capture_model(model_or_blocks, example_inputs)
     elif isinstance(model_or_blocks, ModelCapture):
         capture = model_or_blocks
-    items = list(capture if capture is not None else model_or_blocks)
+    items: list[Union[BlockGraph, TraceFailure]] = list(
+        capture if capture is not None else model_or_blocks  # type: ignore[arg-type]
+    )
     sites: list[ResidualSite] = []
     skipped: list[TraceFailure] = []
     traced = 0

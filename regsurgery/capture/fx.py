@@ -232,7 +232,7 @@ class SpecializingTracer(BlockTracer):
         value = obj.node.meta.get("regsurgery_value", _UNKNOWN)
         if value is _UNKNOWN or not isinstance(value, (tuple, list, torch.Size)):
             return super().iter(obj)
-        return iter([obj[i] for i in range(len(value))])
+        return iter([obj[i] for i in range(len(value))])  # type: ignore[index]
 
     def insert_guards(self, graph: fx.Graph) -> None:
         for node, decision in self.guards:

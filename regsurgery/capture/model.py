@@ -124,6 +124,7 @@ def specialize_failures(model: nn.Module, items: list[Item], example_inputs: Any
                                     item.reason + "; not called by the example forward")
             out.append(item)
             continue
+        assert isinstance(item, TraceFailure)
         module = model if item.scope == "" else model.get_submodule(item.scope)
         try:
             block = trace_block(module, item.scope, example=example_from_spec(spec, module))

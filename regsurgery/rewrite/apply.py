@@ -132,7 +132,7 @@ def _insert_ops(graph: fx.Graph, scope: str, ops: list[tuple[str, PlannedOp]]) -
                 insert_at = graph.inserting_before(first_body)
             with insert_at:
                 new = graph.call_module(target, (value,))
-            value.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+            value.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)  # type: ignore[misc]
             current[op.anchor] = new
         else:
             user = lookup(op.user, "user", op)
