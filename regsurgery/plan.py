@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 PLAN_FORMAT = "regsurgery.plan/1"
-OP_KINDS = ("drop_path", "drop_block", "set_rate")
+OP_KINDS = ("drop_path", "drop_block", "set_rate", "dropout")
 
 #: A schedule maps (depth, number of depths, rate) to the rate of that depth.
 ScheduleFn = Callable[[int, int, float], float]
@@ -46,12 +46,13 @@ def check_rate(name: str, value: Any) -> float:
 class PlannedOp:
     """One regularizer to insert (or one existing slot whose rate to set).
 
-    kind:    ``"drop_path"``, ``"drop_block"`` or ``"set_rate"`` (an existing DropPath slot).
+    kind:    ``"drop_path"``, ``"drop_block"``, ``"dropout"`` or ``"set_rate"`` (an existing slot).
     scope:   qualified name of the module whose forward is rewritten (``""`` is the root).
     anchor:  fx node name (train-mode block graph) whose value the op transforms.
     user:    if set, only this node's use of ``anchor`` is rewired (e.g. the residual add);
              otherwise every use is.
-    role:    ``"branch"``, ``"skip"`` or ``"conv"`` (after a conv layer of a branch).
+    role:    ``"branch"``, ``"skip"`` or ``"conv"`` (after a conv layer of a branch); for
+             ``"dropout"``: ``"hidden"`` (an MLP activation) or ``"head"`` (classifier input).
     params:  the op's arguments (``p``, ``mode``, ``block_size``, ...); for ``set_rate``:
              ``module`` (qualified name), ``attr`` and ``p``.
     """

@@ -39,6 +39,7 @@ __all__ = ["apply_plan", "strip", "is_patched", "inserted_modules", "patched_sco
 _STATE = "_regsurgery_patch"  # per-block patch state (instance attribute)
 _SLOTS = "_regsurgery_slots"  # on the root: original rates of existing slots we changed
 _counter = itertools.count()
+_SHORT = {"drop_path": "dp", "drop_block": "db", "dropout": "do"}  # child names: dp0, db0, do0
 
 
 class PlanMismatchError(ValueError):
@@ -58,7 +59,18 @@ def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     # outputs, exports and compile graphs are exactly the original's.
     if self.training:
         return self._regsurgery_patch.train_forward(self, *args, **kwargs)
+    if isinstance(self, nn.Sequential):
+        return _sequential_forward(self, *args, **kwargs)
     return type(self).forward(self, *args, **kwargs)
+
+
+def _sequential_forward(self: nn.Sequential, x: Any) -> Any:
+    # nn.Sequential.forward calls every child, and the inserted container is one: call the
+    # original children in order (the same calls Sequential.forward makes, so bitwise equal).
+    for name, child in self._modules.items():
+        if name != CONTAINER:
+            x = child(x)
+    return x
 
 
 def _own_patched_forward() -> Callable[..., Any]:
@@ -82,6 +94,8 @@ def _make_module(op: PlannedOp) -> nn.Module:
     if op.kind == "drop_block":
         cls = ops.DropBlock3d if params.get("dims", 2) == 3 else ops.DropBlock2d
         return cls(p, block_size=int(params.get("block_size", 7)), per_channel=bool(params.get("per_channel", False)))
+    if op.kind == "dropout":
+        return ops.Dropout(p)
     raise ValueError(f"cannot build a module for op kind {op.kind!r}")
 
 
@@ -230,7 +244,7 @@ def _prepare_block(model: nn.Module, scope: str, new_ops: list[PlannedOp]) -> tu
     ops = list(merged.values())
     modules: dict[tuple, nn.Module] = {}
     named: list[tuple[str, PlannedOp]] = []
-    counts = {"drop_path": 0, "drop_block": 0}
+    counts = {"drop_path": 0, "drop_block": 0, "dropout": 0}
     for op in ops:
         module = old.modules.get(op.key) if old else None
         if module is not None:
@@ -238,7 +252,7 @@ def _prepare_block(model: nn.Module, scope: str, new_ops: list[PlannedOp]) -> tu
         else:
             module = _make_module(op)
         modules[op.key] = module
-        short = "dp" if op.kind == "drop_path" else "db"
+        short = _SHORT[op.kind]
         named.append((f"{CONTAINER}.{short}{counts[op.kind]}", op))
         counts[op.kind] += 1
     policy = ops[0].params.get("trace_policy") if ops else None
@@ -256,9 +270,9 @@ def _prepare_block(model: nn.Module, scope: str, new_ops: list[PlannedOp]) -> tu
 
 def _install(block: nn.Module, state: _PatchState) -> None:
     container = nn.ModuleDict()
-    counts = {"drop_path": 0, "drop_block": 0}
+    counts = {"drop_path": 0, "drop_block": 0, "dropout": 0}
     for op in state.ops:
-        short = "dp" if op.kind == "drop_path" else "db"
+        short = _SHORT[op.kind]
         container[f"{short}{counts[op.kind]}"] = state.modules[op.key]
         counts[op.kind] += 1
     container.train(block.training)
