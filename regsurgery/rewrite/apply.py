@@ -32,6 +32,7 @@ from torch import nn
 from .. import ops
 from ..capture.fx import CONTAINER, example_from_spec, get_submodule, trace_block
 from ..plan import Plan, PlannedOp, check_rate
+from .layerdrop import has_layerdrop, set_inner_forward, strip_layerdrop
 from .skip import bind_skip_module, insert_skip, make_skip_module
 
 __all__ = ["apply_plan", "strip", "is_patched", "inserted_modules", "patched_scopes", "PlanMismatchError"]
@@ -283,7 +284,11 @@ def _install(block: nn.Module, state: _PatchState) -> None:
             )
     block._modules[CONTAINER] = container
     block.__dict__[_STATE] = state
-    block.__dict__["forward"] = types.MethodType(_own_patched_forward(), block)
+    forward = types.MethodType(_own_patched_forward(), block)
+    if has_layerdrop(block):
+        set_inner_forward(block, forward)  # LayerDrop stays outermost
+    else:
+        block.__dict__["forward"] = forward
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
@@ -319,6 +324,7 @@ def strip(model: nn.Module) -> nn.Module:
     Afterwards the model has its original forwards, submodules and existing-slot rates: it
     computes exactly what it did before patching, with the same ``state_dict``.
     """
+    strip_layerdrop(model)
     for module in model.modules():
         if module.__dict__.pop(_STATE, None) is not None:
             module.__dict__.pop("forward", None)
@@ -332,7 +338,8 @@ def strip(model: nn.Module) -> nn.Module:
 
 def is_patched(model: nn.Module) -> bool:
     """Does ``model`` hold any regsurgery insertion or changed slot?"""
-    return bool(model.__dict__.get(_SLOTS)) or any(_STATE in m.__dict__ for m in model.modules())
+    return bool(model.__dict__.get(_SLOTS)) or any(
+        _STATE in m.__dict__ or has_layerdrop(m) for m in model.modules())
 
 
 def patched_scopes(model: nn.Module) -> list[str]:
