@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections import OrderedDict
 from typing import Any, Optional, Union
 
 from torch import nn
@@ -116,9 +117,10 @@ def prune_layers(
 
     ``keep`` chooses the blocks to keep in each selected stack (see :func:`keep_indices`). Only
     droppable blocks (same shape in and out, residual on their input) may be removed; removing
-    another is a ValueError and nothing is changed. The container is replaced by a new
-    ``nn.ModuleList`` / ``nn.Sequential`` of the kept blocks (the same block objects), so the model
-    keeps its class and its ``state_dict`` holds the kept blocks' keys, re-indexed from 0.
+    another is a ValueError and nothing is changed. The container (same object, same
+    ``nn.ModuleList`` / ``nn.Sequential`` class) then holds the kept blocks (the same block
+    objects) re-indexed from 0, so the model keeps its class and its ``state_dict`` holds the kept
+    blocks' keys, renumbered as a new ModuleList of them would be.
     Returns the model (a pruned copy with ``inplace=False``); the result exports like the original.
     """
     require_module(model)
@@ -143,8 +145,7 @@ def prune_layers(
     for stack, kept in plan:
         container = get_submodule(model, stack.scope)
         blocks = [container[i] for i in kept]
-        new = nn.Sequential(*blocks) if isinstance(container, nn.Sequential) else nn.ModuleList(blocks)
-        new.train(container.training)
-        parent_name, _, attr = stack.scope.rpartition(".")
-        setattr(get_submodule(model, parent_name), attr, new)
+        # In place (also a stack at the root): the container keeps its object and class, its
+        # children are the kept blocks under the names a new ModuleList / Sequential gives them.
+        container._modules = OrderedDict((str(j), b) for j, b in enumerate(blocks))
     return model
