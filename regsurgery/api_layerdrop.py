@@ -14,7 +14,7 @@ from .capture.fx import get_submodule, require_module
 from .plan import check_rate, scope_selected
 from .rewrite.layerdrop import install_layerdrop
 
-__all__ = ["apply_layerdrop", "prune_layers", "keep_indices", "KEEP_RULES"]
+__all__ = ["apply_layerdrop", "prune_layers", "keep_indices", "keep_blocks", "KEEP_RULES"]
 
 KEEP_RULES = ("every_other",)
 Keep = Union[str, float, list, tuple, dict]
@@ -142,9 +142,25 @@ def prune_layers(
             )
         plan.append((stack, kept))
     model = _maybe_copy(model, inplace)
-    for stack, kept in plan:
-        container = get_submodule(model, stack.scope)
-        blocks = [container[i] for i in kept]
+    return keep_blocks(model, {stack.scope: kept for stack, kept in plan})
+
+
+def keep_blocks(model: nn.Module, kept: dict[str, list[int]]) -> nn.Module:
+    """Keep only blocks ``kept[scope]`` of each container ``scope``, in place, with no analysis:
+    how :func:`regsurgery.load` rebuilds a pruned model from its recipe (plain data, so every
+    scope must name an ``nn.ModuleList`` / ``nn.Sequential`` and every index be in range)."""
+    for scope, indices in kept.items():
+        try:
+            container = get_submodule(model, scope)
+        except AttributeError:
+            raise ValueError(f"no module {scope!r} in {type(model).__name__} to prune") from None
+        if type(container) not in (nn.ModuleList, nn.Sequential):
+            raise ValueError(f"{scope!r} is a {type(container).__name__}, not a ModuleList / Sequential")
+        if not isinstance(indices, (list, tuple)) or not indices or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(container) for i in indices):
+            raise ValueError(f"kept indices for {scope!r} must be a non-empty list of ints in "
+                             f"[0, {len(container)}), got {indices!r}")
+        blocks = [container[i] for i in indices]
         # In place (also a stack at the root): the container keeps its object and class, its
         # children are the kept blocks under the names a new ModuleList / Sequential gives them.
         container._modules = OrderedDict((str(j), b) for j, b in enumerate(blocks))
