@@ -183,6 +183,10 @@ def test_prune_every_other_state_dict_outputs_and_onnx(tmp_path) -> None:
     assert torch.equal(pruned.eval()(X), refs[(1, 0, 1, 0)])
     report = export_onnx(pruned, X, tmp_path / "pruned.onnx")
     assert report is not None and (tmp_path / "pruned.onnx").stat().st_size > 0
+    # A LayerDrop-patched model exports too (the exporter strips a copy; the model stays patched).
+    apply_layerdrop(pruned, 0.5)
+    export_onnx(pruned, X, tmp_path / "patched.onnx")
+    assert regsurgery.is_patched(pruned)
 
 
 def test_prune_refuses_non_droppable_and_bad_keep() -> None:
