@@ -31,6 +31,13 @@ time with synchronisation.
 Targets (issue 6): skip mode at r = 0.5 at most 0.85x the unpatched step; masking at most 1.03x
 timm's own.
 
+``--mode layerdrop`` times LayerDrop instead (Fan et al., ICLR 2020; ``apply_layerdrop(model, r)``:
+each block of each stack skipped for the whole step with probability r, nothing computed for it)
+against the unpatched model; ``skipped`` is then the realized fraction of block calls skipped.
+Target (issue 15): at r = 0.5 on a ViT at most 0.6x the unpatched step.
+
+    python benchmarks/train_step.py --mode layerdrop --models vit_small_patch16_224 --rates 0.5
+
     python benchmarks/train_step.py --batch 2 --steps 4 --reps 5          # CPU
     python benchmarks/train_step.py --device cuda --batch 128 --amp       # GPU
 """
@@ -49,7 +56,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from regsurgery import apply_stochastic_depth, inserted_modules
+from regsurgery import apply_layerdrop, apply_stochastic_depth, inserted_modules
+from regsurgery.analysis.stacks import find_layer_stacks
 from regsurgery.ops.skip import SkipDropPath
 
 
@@ -98,6 +106,32 @@ def _create(name: str, img_size: int, drop_path_rate: float) -> nn.Module:
         return timm.create_model(name, pretrained=False, drop_path_rate=drop_path_rate, img_size=img_size)
     except TypeError:
         return timm.create_model(name, pretrained=False, drop_path_rate=drop_path_rate)
+
+
+def _count_blocks(cfg: Config) -> None:
+    """Count block calls offered and run (a skipped block's children are never called)."""
+    for stack in find_layer_stacks(cfg.model):
+        container = cfg.model.get_submodule(stack.scope)
+        for i in stack.droppable:
+            block = container[i]
+            first = next(block.children())
+            block.register_forward_pre_hook(lambda m, a: cfg.rows.__setitem__(1, cfg.rows[1] + 1))
+            first.register_forward_pre_hook(lambda m, a: cfg.rows.__setitem__(0, cfg.rows[0] + 1))
+
+
+def build_layerdrop_configs(name: str, rates: list[float], device: torch.device, img_size: int) -> list[Config]:
+    base = _create(name, img_size, 0.0)
+    configs = [Config("unpatched", copy.deepcopy(base))]
+    for r in rates:
+        model = apply_layerdrop(copy.deepcopy(base), r)
+        n = sum(1 for m in model.modules() if "_regsurgery_layerdrop" in m.__dict__)
+        cfg = Config(f"layerdrop {r:g}", model, r, r, f"{n} blocks")
+        _count_blocks(cfg)
+        configs.append(cfg)
+    for c in configs:
+        c.model.to(device).train()
+        c.opt = torch.optim.SGD(c.model.parameters(), lr=1e-4)
+    return configs
 
 
 def build_configs(name: str, rates: list[float], device: torch.device, img_size: int,
@@ -154,7 +188,10 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> None:
     t0 = time.perf_counter()
     # CPU time of this process: other jobs on a shared machine delay the wall clock, not it.
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    configs = build_configs(name, args.rates, device, args.img_size, args.batch)
+    if args.mode == "layerdrop":
+        configs = build_layerdrop_configs(name, args.rates, device, args.img_size)
+    else:
+        configs = build_configs(name, args.rates, device, args.img_size, args.batch)
     timed = [c for c in configs if "not timed" not in c.note]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(device)
@@ -217,6 +254,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="process CPU time (default on --device cpu: robust to other jobs on a "
                              "shared machine) or wall time (default on cuda)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--mode", choices=("stochastic-depth", "layerdrop"), default="stochastic-depth",
+                        help="what to time against the unpatched model (default stochastic-depth)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -1,4 +1,4 @@
-"""regsurgery: structured regularization (DropPath, DropBlock) for any PyTorch model.
+"""regsurgery: structured regularization (DropPath, DropBlock, Dropout, LayerDrop) for any PyTorch model.
 
 Data flow, one layer per sub-package, dependencies pointing one way (see docs/ARCHITECTURE.md):
 ops <- capture <- analysis <- plan <- rewrite <- api / schedule <- io <- cli.
@@ -16,17 +16,21 @@ from .api import (
     plan_dropblock,
     plan_stochastic_depth,
 )
+from .api_dropout import apply_dropout, plan_dropout
+from .api_layerdrop import apply_layerdrop, prune_layers
 from .io.checkpoint import load
 from .io.export import export_onnx
 from .ops import (
     DropBlock2d,
     DropBlock3d,
+    Dropout,
     DropPath,
     RegularizerModule,
     calibrate_gamma,
     drop_block2d,
     drop_block3d,
     drop_path,
+    dropout,
     expected_drop_fraction,
 )
 from .plan import Plan, PlannedOp
@@ -39,6 +43,7 @@ __all__ = [
     "DropBlock2d",
     "DropBlock3d",
     "DropPath",
+    "Dropout",
     "FeatureLayout",
     "NoSitesError",
     "Plan",
@@ -48,6 +53,8 @@ __all__ = [
     "ResidualSite",
     "SiteReport",
     "apply_dropblock",
+    "apply_dropout",
+    "apply_layerdrop",
     "apply_plan",
     "apply_stochastic_depth",
     "calibrate_gamma",
@@ -55,6 +62,7 @@ __all__ = [
     "drop_block2d",
     "drop_block3d",
     "drop_path",
+    "dropout",
     "expected_drop_fraction",
     "export_onnx",
     "find_conv_stages",
@@ -63,8 +71,10 @@ __all__ = [
     "is_patched",
     "load",
     "plan_dropblock",
+    "plan_dropout",
     "plan_of",
     "plan_stochastic_depth",
+    "prune_layers",
     "residual_report",
     "strip",
 ]

@@ -41,9 +41,12 @@ from ._version import __version__
 from .analysis.residual import find_residual_sites
 from .analysis.stages import find_conv_stages
 from .api import NoSitesError, plan_dropblock, plan_stochastic_depth
+from .api_dropout import DROPOUT_WHERE, plan_dropout
+from .api_layerdrop import keep_indices, prune_layers
 from .capture.examples import check_example_input
 from .io.checkpoint import (
     OutputPathError,
+    apply_recipe_prune,
     atomic_output,
     atomic_write_bytes,
     check_output_path,
@@ -145,6 +148,30 @@ def _where(text: str) -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------- parser
+def _dropout_where(text: str) -> tuple[str, ...]:
+    items = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in items if t not in DROPOUT_WHERE]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated subset of {','.join(DROPOUT_WHERE)}, got {text!r}")
+    return items
+
+
+def _keep(text: str) -> Any:
+    """--keep: every_other, a fraction in (0, 1], or comma-separated block indices."""
+    if text == "every_other":
+        return text
+    try:
+        if "," in text or text.lstrip("-").isdigit():
+            return [int(t) for t in text.split(",") if t.strip()]
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be every_other, a fraction in (0, 1] or comma-separated indices, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction must be in (0, 1], got {text!r}")
+    return value
+
+
 def _model_arg(p: argparse.ArgumentParser, patched_ok: bool) -> None:
     extra = " or a file written by 'regsurgery patch'" if patched_ok else ""
     p.add_argument("model", nargs="?", default=DEFAULT_SPEC, metavar="MODEL",
@@ -184,6 +211,10 @@ def _plan_args(p: argparse.ArgumentParser, drop_path_default: Optional[float]) -
     g.add_argument("--where", type=_where, default=("branch", "skip"), metavar="LIST",
                    help="branch, skip or both (default branch,skip: the paper's placement)")
     g.add_argument("--per-channel", action="store_true", help="one mask per channel instead of one shared")
+    g = p.add_argument_group("Dropout (hidden MLP layers)")
+    g.add_argument("--dropout", type=_rate, default=0.0, metavar="RATE", help="drop rate; 0 (default) turns it off")
+    g.add_argument("--dropout-where", type=_dropout_where, default=("mlp",), metavar="LIST",
+                   help="mlp (hidden activations, default) and/or head (classifier input), comma-separated")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "PyTorch model, by torch.fx graph surgery.", parents=[common])
     parser.add_argument("--version", action="version",
                         version=f"regsurgery {__version__} (torch {torch.__version__})")
-    sub = parser.add_subparsers(dest="command", metavar="{inspect,patch,export}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{inspect,patch,export,prune}", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("inspect", parents=[common], help="residual sites, conv stages and the planned rates",
@@ -226,6 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=_positive_float, default=1e-3, metavar="TOL",
                    help="max abs difference allowed vs torch, relative to max(1, |output|) (default 1e-3)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("prune", parents=[common], help="remove blocks of layer stacks (LayerDrop pruning)",
+                       description="Keep a subset of the blocks of every stack of repeated residual blocks "
+                                   "(Fan et al. 2020) and write OUT: the smaller model's weights plus a recipe; "
+                                   "regsurgery.load(OUT) rebuilds it.")
+    _model_arg(p, patched_ok=True)
+    _weights_args(p)
+    p.add_argument("--keep", type=_keep, default="every_other", metavar="RULE",
+                   help="every_other (default), a fraction in (0, 1], or block indices like 0,2,4")
+    p.add_argument("--include", action="append", metavar="PATTERN", help="only stacks matching (repeatable)")
+    p.add_argument("--out", required=True, metavar="OUT", help="output file (.pt, or .safetensors)")
+    p.set_defaults(func=cmd_prune)
     return parser
 
 
@@ -277,6 +320,7 @@ def _resolve(args: argparse.Namespace, apply_stored_plan: bool) -> _Resolved:
         else:
             state_dict, recipe = read_patched(patched_file)
             model = build_model(recipe["model"], recipe.get("kwargs") or {})
+            apply_recipe_prune(model, recipe, patched_file)
             load_weights_into(model, state_dict, source=patched_file)
         spec, kwargs = recipe["model"], dict(recipe.get("kwargs") or {})
     else:
@@ -334,6 +378,9 @@ def _make_plan(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, site
             plan_dropblock, model, args.drop_block, block_size=args.block_size, stages=tuple(args.stages),
             where=tuple(args.where), example_inputs=x, optional={"per_channel": args.per_channel},
         ))
+    if getattr(args, "dropout", 0.0):
+        parts.append(lambda: plan_dropout(model, args.dropout, where=tuple(args.dropout_where),
+                                          include=args.include, exclude=args.exclude))
     plan = None
     for make in parts:
         try:
@@ -354,7 +401,8 @@ def _site_rows(sites: list[Any], stages: list[Any], plan: Any) -> list[dict[str,
         for s in st.sites:
             stage_of.setdefault(s.index, st.index)
     rows = []
-    ops = list(plan.ops) if plan is not None else []
+    # Dropout ops (roles hidden / head) are not on residual sites.
+    ops = [op for op in plan.ops if op.role not in ("hidden", "head")] if plan is not None else []
     for s in sites:
         mine = [op for op in ops if getattr(op, "site", None) == s.index
                 or (getattr(op, "site", None) is None and op.scope == s.scope)]
@@ -399,6 +447,8 @@ def _plan_summary(args: argparse.Namespace, recipe: Optional[dict[str, Any]]) ->
     if args.drop_block:
         parts.append(f"DropBlock {args.drop_block:g} (block {args.block_size}, stages "
                      f"{','.join(str(s) for s in args.stages)}, {'+'.join(args.where)})")
+    if getattr(args, "dropout", 0.0):
+        parts.append(f"Dropout {args.dropout:g} ({'+'.join(args.dropout_where)})")
     return "planned " + ", ".join(parts) if parts else "nothing planned (all rates 0)"
 
 
@@ -503,8 +553,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- patch
 def cmd_patch(args: argparse.Namespace) -> int:
-    if not args.drop_path and not args.drop_block:
-        raise UsageError("nothing to do: give --drop-path RATE and/or --drop-block RATE (> 0)")
+    if not args.drop_path and not args.drop_block and not args.dropout:
+        raise UsageError("nothing to do: give --drop-path RATE, --drop-block RATE and/or --dropout RATE (> 0)")
     inputs = [args.model, args.checkpoint]
     check_output_path(args.out, inputs)  # fail before the slow part
     with Progress(total=4, desc="patch") as bar:
@@ -532,19 +582,78 @@ def cmd_patch(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for op in plan.ops:
         counts[op.kind] = counts.get(op.kind, 0) + 1
-    dp = [op.params.p for op in plan.ops if op.kind in ("drop_path", "set_rate")]
+    dropout_ops = [op for op in plan.ops if op.role in ("hidden", "head")]
+    dp = [op.params.p for op in plan.ops if op.kind in ("drop_path", "set_rate")
+          and op.role not in ("hidden", "head")]
     parts = []
     if dp:
-        slots = counts.get("set_rate", 0)
+        slots = counts.get("set_rate", 0) - sum(op.kind == "set_rate" for op in dropout_ops)
         parts.append(f"DropPath on {len(dp)} residual sites, rate {min(dp):.3g} -> {max(dp):.3g} ({args.schedule})"
                      + (f", {slots} existing slots reused" if slots else ""))
     if counts.get("drop_block"):
         parts.append(f"DropBlock {args.drop_block:g} at {counts['drop_block']} places "
                      f"(stages {','.join(str(s) for s in args.stages)})")
+    if dropout_ops:
+        reused = sum(op.kind == "set_rate" for op in dropout_ops)
+        parts.append(f"Dropout {args.dropout:g} at {len(dropout_ops)} places ({'+'.join(args.dropout_where)})"
+                     + (f", {reused} existing slots reused" if reused else ""))
     print(f"{r.spec}: " + "; ".join(parts))
     print(f"wrote {args.out} ({len(state_dict)} tensors, weights unchanged); "
           f"rebuild with regsurgery.load({args.out!r})")
     return EXIT_OK
+
+
+# --------------------------------------------------------------------------- prune
+def cmd_prune(args: argparse.Namespace) -> int:
+    inputs = [args.model, args.checkpoint]
+    check_output_path(args.out, inputs)  # fail before the slow part
+    with Progress(total=3, desc="prune") as bar:
+        bar.step("building the model")
+        r = _resolve(args, apply_stored_plan=False)
+        if r.recipe and Plan.from_dict(r.recipe["plan"]).ops:
+            raise UsageError(f"{args.model} holds a regularizer plan; prune the plain model (its spec and "
+                             "--checkpoint), then patch the pruned file")
+        x = _checked_example(r)
+        bar.step("finding layer stacks")
+        before = {k for k in r.model.state_dict()}
+        sizes = {name: len(m) for name, m in r.model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))}
+        try:
+            prune_layers(r.model, args.keep, include=args.include, example_inputs=x)
+        except ValueError as e:
+            if isinstance(e, NoSitesError):
+                raise
+            raise UsageError(str(e)) from None
+        kept = {name: len(m) for name, m in r.model.named_modules()
+                if isinstance(m, (nn.ModuleList, nn.Sequential)) and sizes.get(name, len(m)) != len(m)}
+        prior = dict((r.recipe or {}).get("prune") or {})
+        bar.step("writing")
+        state_dict = r.model.state_dict()
+        recipe = {
+            "model": r.spec, "kwargs": r.kwargs, "plan": Plan().to_dict(),
+            "prune": _compose_prune(prior, _kept_indices(args.keep, sizes, kept)),
+            "input_shape": list(r.input_shape), "versions": versions(),
+        }
+        save_patched(args.out, state_dict, recipe, inputs=inputs)
+    shrunk = ", ".join(f"{name or '<root>'} {sizes[name]} -> {n}" for name, n in kept.items())
+    print(f"{r.spec}: kept blocks {shrunk}; {len(before)} -> {len(state_dict)} tensors")
+    print(f"wrote {args.out}; rebuild with regsurgery.load({args.out!r})")
+    return EXIT_OK
+
+
+def _kept_indices(keep: Any, sizes: dict[str, int], kept: dict[str, int]) -> dict[str, list[int]]:
+    from_rule = {}
+    for name in kept:
+        from_rule[name] = keep_indices(keep, sizes[name], name)
+    return from_rule
+
+
+def _compose_prune(prior: dict[str, list[int]], new: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Indices into the original stacks, when a pruned file is pruned again."""
+    out = {k: list(v) for k, v in prior.items()}
+    for name, idx in new.items():
+        base = out.get(name)
+        out[name] = [base[i] for i in idx] if base is not None else list(idx)
+    return out
 
 
 # --------------------------------------------------------------------------- export

@@ -20,6 +20,7 @@ __all__ = [
     "DropPathParams",
     "DropBlockParams",
     "SetRateParams",
+    "DropoutParams",
     "PARAMS_OF_KIND",
     "PlannedOp",
     "Plan",
@@ -114,10 +115,19 @@ class SetRateParams(OpParams):
     mode: Optional[str] = None
 
 
+@dataclass
+class DropoutParams(OpParams):
+    """``dropout``: element-wise Dropout on a hidden activation or on the classifier's input."""
+
+    trace_policy: Optional[str] = None
+    trace_example: Optional[dict[str, Any]] = None
+
+
 #: The params dataclass of each op kind.
 PARAMS_OF_KIND: dict[str, type[OpParams]] = {
     "drop_path": DropPathParams,
     "drop_block": DropBlockParams,
+    "dropout": DropoutParams,
     "set_rate": SetRateParams,
 }
 
@@ -126,12 +136,13 @@ PARAMS_OF_KIND: dict[str, type[OpParams]] = {
 class PlannedOp:
     """One regularizer to insert (or one existing slot whose rate to set).
 
-    kind:    ``"drop_path"``, ``"drop_block"`` or ``"set_rate"`` (an existing DropPath slot).
+    kind:    ``"drop_path"``, ``"drop_block"``, ``"dropout"`` or ``"set_rate"`` (an existing slot).
     scope:   qualified name of the module whose forward is rewritten (``""`` is the root).
     anchor:  fx node name (train-mode block graph) whose value the op transforms.
     user:    if set, only this node's use of ``anchor`` is rewired (e.g. the residual add);
              otherwise every use is.
-    role:    ``"branch"``, ``"skip"`` or ``"conv"`` (after a conv layer of a branch).
+    role:    ``"branch"``, ``"skip"`` or ``"conv"`` (after a conv layer of a branch); for
+             ``"dropout"``: ``"hidden"`` (an MLP activation) or ``"head"`` (classifier input).
     params:  the op's arguments, a dataclass of the kind (:data:`PARAMS_OF_KIND`); a dict is
              converted (unknown fields are a ValueError naming them).
     """

@@ -39,7 +39,7 @@ from .plan import check_rate
 __all__ = ["RateSchedule", "ScheduleBinding", "RAMPS", "SCHEDULE_FORMAT"]
 
 SCHEDULE_FORMAT = "regsurgery.rate_schedule/1"
-KINDS = ("drop_block", "drop_path")
+KINDS = ("drop_block", "drop_path", "dropout")
 
 #: Built-in ramps: progress in [0, 1] -> factor in [0, 1].
 RAMPS: dict[str, Callable[[float], float]] = {
@@ -139,7 +139,9 @@ class RateSchedule:
         warmup_steps: steps held at ``start * target`` before the ramp begins.
         fn: ``"linear"`` (default), ``"cosine"``, ``"constant"`` or a callable
             ``progress in [0, 1] -> factor in [0, 1]``.
-        kinds: which modules to move: ``"drop_block"``, ``"drop_path"`` or both.
+        kinds: which modules to move: any of ``"drop_block"``, ``"drop_path"``, ``"dropout"``
+            (regsurgery's inserted :class:`regsurgery.ops.Dropout`; reused ``nn.Dropout`` slots
+            keep the rate the plan set).
         start: the factor at progress 0 (0 = regularization off at the first step).
         include_existing: also schedule third-party regularizer modules (see above).
 

@@ -23,7 +23,7 @@ LAYERS = {
     "analysis": 2,
     "plan": 3,
     "rewrite": 4,
-    "api": 5, "schedule": 5, "integrations": 5,
+    "api": 5, "api_dropout": 5, "api_layerdrop": 5, "schedule": 5, "integrations": 5,
     "io": 6,
     "cli": 7, "__main__": 8, "__init__": 8,
 }

@@ -199,8 +199,8 @@ def test_construction_errors() -> None:
     with pytest.raises(ValueError, match="start"):
         RateSchedule(Net(), total_steps=10, start=-0.1)
     with pytest.raises(ValueError, match="kinds"):
-        RateSchedule(Net(), total_steps=10, kinds=("dropout",))
-    with pytest.raises(ValueError, match="found no drop_block / drop_path modules in Sequential"):
+        RateSchedule(Net(), total_steps=10, kinds=("attention",))
+    with pytest.raises(ValueError, match="found no drop_block / drop_path / dropout modules in Sequential"):
         RateSchedule(nn.Sequential(nn.Conv2d(3, 3, 1)), total_steps=10)
     with pytest.raises(TypeError, match="model_or_modules"):
         RateSchedule(3, total_steps=10)  # type: ignore[arg-type]

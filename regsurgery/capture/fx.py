@@ -440,15 +440,18 @@ def holds_no_own_add(module: nn.Module) -> bool:
     return isinstance(module, _NORM_OR_ACTIVATION) and next(module.children(), None) is None
 
 
-def iter_block_graphs(model: nn.Module) -> Iterator[BlockGraph | TraceFailure]:
+def iter_block_graphs(model: nn.Module, *, chains: bool = False) -> Iterator[BlockGraph | TraceFailure]:
     """Trace every module of ``model`` that has its own forward, in registration order.
 
     Built-in modules (``torch.nn`` layers, norms, regularizers) are skipped: they perform no
     residual adds of interest. Modules registered as no-trace are still tried on their own (they
     are only leaves for their parents). A module registered under two names is traced once.
+    Modules that cannot perform a residual add of their own (:func:`holds_no_own_add`) are left
+    out unless ``chains=True``: the chaining forward of an ``nn.Sequential`` still holds dataflow
+    that other analyses (hidden MLP layers) read.
     """
     for scope, module in model.named_modules():
-        if _is_builtin_module(module) or not _has_own_forward(module) or holds_no_own_add(module):
+        if _is_builtin_module(module) or not _has_own_forward(module) or (not chains and holds_no_own_add(module)):
             continue
         try:
             yield trace_block(module, scope)

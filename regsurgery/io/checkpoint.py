@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from ..api_layerdrop import keep_blocks
 from ..plan import Plan
 from ..rewrite.apply import PlanMismatchError, apply_plan
 from .modelspec import build_model
@@ -58,6 +59,7 @@ __all__ = [
     "save_patched",
     "read_patched",
     "load_patched",
+    "apply_recipe_prune",
     "load",
 ]
 
@@ -509,11 +511,26 @@ def read_patched(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return state_dict, recipe
 
 
+def apply_recipe_prune(model: nn.Module, recipe: dict[str, Any], path: str) -> None:
+    """Remove the blocks a ``regsurgery prune`` recipe dropped (``recipe["prune"]``: stack scope ->
+    kept indices), before the weights are loaded."""
+    prune = recipe.get("prune")
+    if not prune:
+        return
+    if not isinstance(prune, dict):
+        raise CheckpointError(f"{path}: the recipe's 'prune' entry is not a mapping of stack -> kept indices")
+    try:
+        keep_blocks(model, {str(k): list(v) for k, v in prune.items()})
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: the stored pruning does not fit the model {recipe['model']!r}: {e}") from e
+
+
 def load_patched(path: PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a patched model: ``(model, recipe)``. See :func:`load`."""
     path = os.fspath(path)
     state_dict, recipe = read_patched(path)
     model = build_model(recipe["model"], recipe.get("kwargs") or {})
+    apply_recipe_prune(model, recipe, path)
     load_weights_into(model, state_dict, source=path)
     try:
         plan = Plan.from_dict(recipe["plan"])

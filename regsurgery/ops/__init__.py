@@ -12,6 +12,7 @@ from .drop import (
     drop_path,
     expected_drop_fraction,
 )
+from .dropout import Dropout, dropout
 from .skip import SkipDropPath, skip_drop_path
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "DropBlock3d",
     "calibrate_gamma",
     "expected_drop_fraction",
+    "dropout",
+    "Dropout",
     "skip_drop_path",
     "SkipDropPath",
 ]

@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .drop import DropPath, _check_mode, _check_p, _mask_dtype
+from .layerdrop import with_zero_grads
 
 __all__ = ["skip_drop_path", "SkipDropPath", "code_copy"]
 
@@ -81,6 +82,7 @@ def skip_drop_path(
     extras: Sequence[Any] = (),
     generator: Optional[torch.Generator] = None,
     row_safe: bool = True,
+    params: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """``shortcut + m * branch(source, *extras) / (1 - p)``, running ``branch`` only where ``m = 1``.
 
@@ -107,6 +109,9 @@ def skip_drop_path(
         extras: further (batch-independent in row mode) arguments of ``branch``.
         generator: optional ``torch.Generator`` (on ``shortcut``'s device) for the draws.
         row_safe: row mode may gather (the branch is per-sample independent).
+        params: the branch's parameters. When the whole branch is skipped they get an exact zero
+            gradient (:func:`regsurgery.ops.layerdrop.with_zero_grads`), so DDP works with its
+            default ``find_unused_parameters=False``.
     """
     _check_p(p)
     _check_mode(mode)
@@ -116,7 +121,7 @@ def skip_drop_path(
     if mode == "batch":
         # One host decision per step: the point is not to launch the branch at all.
         if mask.item() == 0.0:
-            return shortcut.clone()
+            return with_zero_grads(shortcut.clone(), params)
         y = branch(source, *extras)
         return shortcut + y * mask.to(y.dtype)
     batch = shortcut.shape[0]
@@ -126,7 +131,7 @@ def skip_drop_path(
     idx = mask.view(-1).nonzero().view(-1)  # data-dependent size: a graph break under torch.compile
     kept = idx.numel()
     if kept == 0:
-        return shortcut.clone()
+        return with_zero_grads(shortcut.clone(), params)
     if kept == batch:  # nothing to save: skip the gather / scatter
         y = branch(source, *extras)
         return shortcut + y * mask.to(y.dtype)
@@ -174,6 +179,7 @@ class SkipDropPath(DropPath):
         self._checked_extras: tuple[int, ...] = ()
         self.branch_nodes: tuple[str, ...] = ()
         self.branch_code = ""
+        self.branch_params: tuple[str, ...] = ()  # the branch's parameters, named in the owning block
         self._impl: Callable[..., torch.Tensor] = skip_drop_path  # a per-site copy once bound
         object.__setattr__(self, "_owner", None)  # never a registered submodule
 
@@ -189,8 +195,9 @@ class SkipDropPath(DropPath):
         branch = functools.partial(fn, owner)
         # An optional input (default None) given a tensor at run time may be per-sample: mask.
         row_safe = not any(isinstance(extras[i], torch.Tensor) for i in self._checked_extras)
+        params = [owner.get_parameter(name) for name in self.branch_params]
         return self._impl(shortcut, source, branch, self.p, self.training, self.mode,
-                          self.scale_by_keep, extras, None, row_safe)
+                          self.scale_by_keep, extras, None, row_safe, params)
 
     def extra_repr(self) -> str:
         nodes = "->".join(self.branch_nodes)

@@ -16,6 +16,7 @@ from typing import Optional
 from torch import nn
 
 from .drop import DropBlock2d, DropBlock3d, DropPath, RegularizerModule
+from .dropout import Dropout
 
 __all__ = ["is_drop_path_slot", "rate_attr", "slot_kind", "training_flags"]
 
@@ -42,6 +43,8 @@ def slot_kind(module: nn.Module, include_existing: bool = True) -> Optional[tupl
         return "drop_path", "p"
     if isinstance(module, (DropBlock2d, DropBlock3d)):
         return "drop_block", "p"
+    if isinstance(module, Dropout):
+        return "dropout", "p"
     if not include_existing or isinstance(module, RegularizerModule):
         return None
     attr = rate_attr(module)

@@ -32,7 +32,16 @@ from torch import nn
 from .. import ops
 from ..capture.fx import CONTAINER, example_from_spec, get_submodule, trace_block
 from ..capture.model import ModelCapture, copy_graph
-from ..plan import DropBlockParams, DropPathParams, Plan, PlannedOp, SetRateParams, check_rate
+from ..plan import (
+    DropBlockParams,
+    DropoutParams,
+    DropPathParams,
+    Plan,
+    PlannedOp,
+    SetRateParams,
+    check_rate,
+)
+from .layerdrop import has_layerdrop, set_inner_forward, strip_layerdrop
 from .skip import bind_skip_module, insert_skip, make_skip_module
 
 __all__ = ["apply_plan", "strip", "is_patched", "inserted_modules", "patched_scopes", "PlanMismatchError"]
@@ -40,6 +49,7 @@ __all__ = ["apply_plan", "strip", "is_patched", "inserted_modules", "patched_sco
 _STATE = "_regsurgery_patch"  # per-block patch state (instance attribute)
 _SLOTS = "_regsurgery_slots"  # on the root: original rates of existing slots we changed
 _counter = itertools.count()
+_SHORT = {"drop_path": "dp", "drop_block": "db", "dropout": "do"}  # child names: dp0, db0, do0
 
 
 class PlanMismatchError(ValueError):
@@ -59,7 +69,18 @@ def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     # outputs, exports and compile graphs are exactly the original's.
     if self.training:
         return self._regsurgery_patch.train_forward(self, *args, **kwargs)
+    if isinstance(self, nn.Sequential):
+        return _sequential_forward(self, *args, **kwargs)
     return type(self).forward(self, *args, **kwargs)
+
+
+def _sequential_forward(self: nn.Sequential, x: Any) -> Any:
+    # nn.Sequential.forward calls every child, and the inserted container is one: call the
+    # original children in order (the same calls Sequential.forward makes, so bitwise equal).
+    for name, child in self._modules.items():
+        if name != CONTAINER:
+            x = child(x)
+    return x
 
 
 def _own_patched_forward() -> Callable[..., Any]:
@@ -83,6 +104,8 @@ def _make_module(op: PlannedOp) -> nn.Module:
     if isinstance(params, DropBlockParams):
         cls = ops.DropBlock3d if params.dims == 3 else ops.DropBlock2d
         return cls(p, block_size=int(params.block_size), per_channel=bool(params.per_channel))
+    if isinstance(params, DropoutParams):
+        return ops.Dropout(p)
     raise ValueError(f"cannot build a module for op kind {op.kind!r}")
 
 
@@ -239,7 +262,7 @@ def _prepare_block(
     ops = list(merged.values())
     modules: dict[tuple, nn.Module] = {}
     named: list[tuple[str, PlannedOp]] = []
-    counts = {"drop_path": 0, "drop_block": 0}
+    counts = {"drop_path": 0, "drop_block": 0, "dropout": 0}
     for op in ops:
         module = old.modules.get(op.key) if old else None
         if module is not None:
@@ -247,7 +270,7 @@ def _prepare_block(
         else:
             module = _make_module(op)
         modules[op.key] = module
-        short = "dp" if op.kind == "drop_path" else "db"
+        short = _SHORT[op.kind]
         named.append((f"{CONTAINER}.{short}{counts[op.kind]}", op))
         counts[op.kind] += 1
     policy = getattr(ops[0].params, "trace_policy", None) if ops else None
@@ -270,9 +293,9 @@ def _prepare_block(
 
 def _install(block: nn.Module, state: _PatchState) -> None:
     container = nn.ModuleDict()
-    counts = {"drop_path": 0, "drop_block": 0}
+    counts = {"drop_path": 0, "drop_block": 0, "dropout": 0}
     for op in state.ops:
-        short = "dp" if op.kind == "drop_path" else "db"
+        short = _SHORT[op.kind]
         container[f"{short}{counts[op.kind]}"] = state.modules[op.key]
         counts[op.kind] += 1
     container.train(block.training)
@@ -283,7 +306,11 @@ def _install(block: nn.Module, state: _PatchState) -> None:
             )
     block._modules[CONTAINER] = container
     block.__dict__[_STATE] = state
-    block.__dict__["forward"] = types.MethodType(_own_patched_forward(), block)
+    forward = types.MethodType(_own_patched_forward(), block)
+    if has_layerdrop(block):
+        set_inner_forward(block, forward)  # LayerDrop stays outermost
+    else:
+        block.__dict__["forward"] = forward
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, capture: Optional[ModelCapture] = None) -> nn.Module:
@@ -319,6 +346,7 @@ def strip(model: nn.Module) -> nn.Module:
     Afterwards the model has its original forwards, submodules and existing-slot rates: it
     computes exactly what it did before patching, with the same ``state_dict``.
     """
+    strip_layerdrop(model)
     for module in model.modules():
         if module.__dict__.pop(_STATE, None) is not None:
             module.__dict__.pop("forward", None)
@@ -332,7 +360,8 @@ def strip(model: nn.Module) -> nn.Module:
 
 def is_patched(model: nn.Module) -> bool:
     """Does ``model`` hold any regsurgery insertion or changed slot?"""
-    return bool(model.__dict__.get(_SLOTS)) or any(_STATE in m.__dict__ for m in model.modules())
+    return bool(model.__dict__.get(_SLOTS)) or any(
+        _STATE in m.__dict__ or has_layerdrop(m) for m in model.modules())
 
 
 def patched_scopes(model: nn.Module) -> list[str]:
@@ -364,6 +393,6 @@ def plan_of(model: nn.Module) -> Plan:
     for key, (attr, _orig) in (model.__dict__.get(_SLOTS) or {}).items():
         if "#" in key:
             continue
-        ops.append(PlannedOp(kind="set_rate", scope="", params={
-            "module": key, "attr": attr, "p": float(getattr(get_submodule(model, key), attr))}))
+        ops.append(PlannedOp(kind="set_rate", scope="", params=SetRateParams(
+            module=key, attr=attr, p=float(getattr(get_submodule(model, key), attr)))))
     return Plan(ops=ops)

@@ -27,7 +27,7 @@ _counter = itertools.count()
 
 
 def make_skip_module(op: PlannedOp) -> SkipDropPath:
-    """The module of a ``drop_path`` op with ``params["skip"]`` (called by ``rewrite._make_module``)."""
+    """The module of a ``drop_path`` op with ``params.skip`` (called by ``rewrite._make_module``)."""
     params = op.params
     assert isinstance(params, DropPathParams)
     return SkipDropPath(float(params.p), mode=params.mode, scale_by_keep=bool(params.scale_by_keep))
@@ -97,6 +97,26 @@ def _compile_branch(graph: fx.Graph, label: str) -> tuple[Callable[..., torch.Te
     return namespace["forward"], code.src
 
 
+def _branch_params(block: nn.Module, graph: fx.Graph) -> tuple[str, ...]:
+    """Names (relative to ``block``) of the parameters the branch graph uses."""
+    names: list[str] = []
+    for node in graph.nodes:
+        if node.op == "call_module":
+            prefix = str(node.target)
+            try:
+                sub = block.get_submodule(prefix)
+            except AttributeError:  # a regularizer of this plan, not installed yet: no parameters
+                continue
+            names += [f"{prefix}.{n}" for n, _ in sub.named_parameters()]
+        elif node.op == "get_attr":
+            target = str(node.target)
+            mod_path, _, attr = target.rpartition(".")
+            owner = block.get_submodule(mod_path) if mod_path else block
+            if isinstance(getattr(owner, attr, None), nn.Parameter):
+                names.append(target)
+    return tuple(dict.fromkeys(names))
+
+
 def bind_skip_module(module: nn.Module, block: nn.Module, graph: fx.Graph, op: PlannedOp) -> None:
     """Give ``module`` its compiled branch ``fn(block, source, *extras)`` and its owning block."""
     if not isinstance(module, SkipDropPath):
@@ -117,6 +137,7 @@ def bind_skip_module(module: nn.Module, block: nn.Module, graph: fx.Graph, op: P
     module._checked_extras = info.checked
     module.branch_nodes = info.nodes
     module.branch_code = src
+    module.branch_params = _branch_params(block, info.graph)
     label = f"site{next(_counter)}"
     module._impl = code_copy(skip_drop_path, label)
     # Instance-level forward (like patched blocks): a bound method, so deepcopy rebinds it.
