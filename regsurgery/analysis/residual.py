@@ -52,6 +52,7 @@ from ..capture.fx import (
     tensor_inputs,
     trace_block,
 )
+from ..capture.inline import inline_policy, is_inline_policy, site_owner_scope
 from ..capture.model import ModelCapture, capture_model
 
 __all__ = ["ResidualSite", "SiteReport", "find_residual_sites", "analyse_block", "residual_report"]
@@ -538,7 +539,11 @@ def analyse_block(block: BlockGraph, costs: Optional[_Costs] = None) -> list[dic
         if info is None:
             continue
         residual_adds.add(node)
-        if not own_node(node):
+        if is_inline_policy(block.policy):
+            # Inlined children: the add belongs to the innermost module holding it and its branch.
+            if site_owner_scope(block.graph, node.name, [n for n in info["branch_nodes"]]) != "":
+                continue
+        elif not own_node(node):
             continue
         existing, attr = _existing_slot(info["branch"], block.module, block.scope)
         info.update(
@@ -574,13 +579,22 @@ def residual_report(
     traced = 0
     depth_of: dict[str, int] = {}
     costs = _Costs(capture)
+    found = _inline_aware_sites(items, capture, costs)
+    inline_scopes: set[str] = set()
     for item in items:
         if isinstance(item, TraceFailure):
             skipped.append(item)
             continue
         traced += 1
-        for info in analyse_block(item, costs):
-            depth = depth_of.setdefault(item.scope, len(depth_of))
+        item, infos = found[id(item)]
+        for info in infos:
+            if is_inline_policy(item.policy):  # a module inside an inline-captured block: its depth
+                outer = next((d for s, d in depth_of.items() if item.scope.startswith(s + ".")
+                              and s in inline_scopes), None)
+                if outer is not None:
+                    depth_of.setdefault(item.scope, outer)
+                inline_scopes.add(item.scope)
+            depth = depth_of.setdefault(item.scope, len(set(depth_of.values())))
             sites.append(ResidualSite(scope=item.scope, index=len(sites), depth=depth, **info))
     return SiteReport(sites=sites, skipped=skipped, blocks_traced=traced)
 
@@ -597,3 +611,26 @@ def find_residual_sites(
     ``example_inputs`` (inferred from the model when possible). The model is not modified.
     """
     return residual_report(model, example_inputs).sites
+
+
+def _inline_aware_sites(items: list, capture: Optional[ModelCapture], costs: _Costs) -> dict[int, tuple]:
+    """Sites of every captured block, innermost blocks first. A block captured inline (children
+    inlined, :mod:`regsurgery.capture.inline`) is captured again with its descendants that hold
+    sites as leaves, so that its patched forward still calls their patched forwards."""
+    blocks = [i for i in items if isinstance(i, BlockGraph)]
+    out: dict[int, tuple] = {}
+    with_sites: list[str] = []
+    for item in sorted(blocks, key=lambda b: -len(b.scope.split(".")) if b.scope else 0):
+        block = item
+        if is_inline_policy(item.policy) and capture is not None:
+            prefix = f"{item.scope}." if item.scope else ""
+            inner = [s for s in with_sites if s.startswith(prefix) and s != item.scope]
+            outer = [s for s in inner if not any(s.startswith(o + ".") for o in inner)]
+            policy = inline_policy([s[len(prefix):] for s in outer])
+            if policy != item.policy:
+                block = capture.block(item.scope, policy)
+        infos = analyse_block(block, costs)
+        if infos:
+            with_sites.append(item.scope)
+        out[id(item)] = (block, infos)
+    return out

@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import ops
 from ..capture.fx import CONTAINER, example_from_spec, get_submodule, trace_block
+from ..capture.inline import call_adapter, inline_example, inline_leaves, is_inline_policy, trace_inline
 from ..capture.model import ModelCapture, copy_graph
 from ..plan import Plan, PlannedOp, check_rate
 from .skip import bind_skip_module, insert_skip, make_skip_module
@@ -249,6 +250,9 @@ def _prepare_block(
     if capture is not None and old is None and capture.model is model:
         # The block as analysed, copied: the capture is shared and must not change.
         graph = copy_graph(capture.block(scope, policy).graph)
+    elif is_inline_policy(policy):  # captured on its recorded arguments: rebuilt from their spec
+        graph = trace_inline(block, scope, *inline_example(spec, block),
+                             leaves=tuple(inline_leaves(policy)), spec=spec).graph
     else:  # a plan from a file, or a block patched before: trace its class forward now
         graph = trace_block(block, scope, policy=policy,
                             example=example_from_spec(spec, block) if spec else None).graph
@@ -256,6 +260,8 @@ def _prepare_block(
     _add_into_drop_path_outputs(graph, {
         target for target, op in named if op.kind == "drop_path" and not op.params.get("skip")})
     train_forward, source = _compile_forward(graph, scope)
+    if is_inline_policy(policy):
+        train_forward = call_adapter(block, spec, train_forward, scope)
     for op in ops:
         if op.kind == "drop_path" and op.params.get("skip"):
             bind_skip_module(modules[op.key], block, graph, op)
