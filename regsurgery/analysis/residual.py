@@ -77,6 +77,7 @@ _WEIGHTED_FUNCTIONS = {
     F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
     F.conv_transpose3d, F.scaled_dot_product_attention,
 }
+_WEIGHTED_FUNCTIONS |= {torch.addmm, torch.addbmm}  # HF Conv1D (GPT-2): x @ W + b in one call
 _WEIGHTED_METHODS = {"matmul", "bmm", "mm"}
 _NORM_FUNCTIONS = {F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.normalize}
 _UPSAMPLE_FUNCTIONS = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}

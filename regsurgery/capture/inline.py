@@ -245,6 +245,15 @@ class _SizedProxy(fx.Proxy):
             return len(value)
         return super().__len__()
 
+    def __getattr__(self, k: str) -> Any:
+        # A tensor's dtype / device is a constant of the capture (``torch.finfo(x.dtype).min``),
+        # the example's, like the rest of the train-mode specialization.
+        if k in ("dtype", "device", "is_cuda", "is_floating_point"):
+            value = self.node.meta.get("regsurgery_value")
+            if isinstance(value, torch.Tensor):
+                return getattr(value, k)
+        return super().__getattr__(k)
+
 
 class InliningTracer(SpecializingTracer):
     """Traces a block on its recorded arguments: tensors are placeholders, the rest constants;
@@ -259,6 +268,34 @@ class InliningTracer(SpecializingTracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _SizedProxy(node, self)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        # A module that is not a submodule (HF kernel-hub functions such as the rotary embedding
+        # helper are module objects): its code is traced through, as a function's would be.
+        if not self._concrete_depth:
+            try:
+                self.path_of_module(m)
+            except NameError:
+                return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def _value(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        # Reading a parameter runs through fx's patched Module.__getattr__: concrete mode.
+        self._concrete_depth += kind == "get_attr"
+        try:
+            return super()._value(kind, target, args, kwargs)
+        finally:
+            self._concrete_depth -= kind == "get_attr"
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # type: ignore[override]
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        # A tensor's dtype / device is a constant of the capture (``torch.finfo(x.dtype).min``):
+        # the example's, like the rest of the train-mode specialization.
+        value = proxy.node.meta.get("regsurgery_value")
+        if kind == "call_function" and target is getattr and isinstance(value, (torch.dtype, torch.device)):
+            self.graph.erase_node(proxy.node)
+            return value  # type: ignore[return-value]
+        return proxy
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self._leaves or super().is_leaf_module(m, module_qualified_name)
