@@ -14,6 +14,7 @@ from .analysis.residual import ResidualSite, residual_report
 from .analysis.skip import skip_blocker
 from .analysis.stages import find_conv_stages
 from .capture.fx import get_submodule, module_of, require_module
+from .capture.inline import batch_dims, is_inline_policy
 from .capture.model import ModelCapture, capture_model
 from .plan import Plan, PlannedOp, ScheduleFn, check_rate, depth_rates, scope_selected
 from .rewrite.apply import apply_plan
@@ -51,6 +52,7 @@ def plan_stochastic_depth(
     example_inputs: Optional[Any] = None,
     sites: Optional[list[ResidualSite]] = None,
     capture: Optional[ModelCapture] = None,
+    batch_dim: Optional[int] = None,
 ) -> Plan:
     """Plan one DropPath per residual call site, rates by depth (see :func:`apply_stochastic_depth`).
 
@@ -74,6 +76,7 @@ def plan_stochastic_depth(
             f"no residual sites found in {type(model).__name__}{why}: stochastic depth needs residual "
             "adds (out = x + f(x)); check find_residual_sites(model) or use another regularizer"
         )
+    site_batch_dims = _site_batch_dims(all_sites, capture, batch_dim)
     num_depths = max(s.depth for s in all_sites) + 1
     rates = depth_rates(num_depths, rate, schedule)
     ops: list[PlannedOp] = []
@@ -112,7 +115,8 @@ def plan_stochastic_depth(
                 kind="drop_path", scope=site.scope, anchor=site.branch, user=site.add, role="branch",
                 depth=site.depth, site=site.index,
                 params={"p": p, "mode": mode, "trace_policy": site.trace_policy,
-                        "trace_example": site.trace_example, "skip": skip},
+                        "trace_example": site.trace_example, "skip": skip,
+                        **({"batch_dim": site_batch_dims[site.index]} if site_batch_dims.get(site.index) else {})},
             ))
     if selected == 0:
         raise NoSitesError(
@@ -130,6 +134,26 @@ def plan_stochastic_depth(
     return Plan(ops=ops, meta=meta)
 
 
+def _site_batch_dims(
+    sites: list[ResidualSite], capture: Optional[ModelCapture], batch_dim: Optional[int]
+) -> dict[int, int]:
+    """Site index -> the dimension of its branch that indexes samples: ``batch_dim`` when given,
+    else found from the capture of blocks captured on their recorded arguments (else 0)."""
+    if batch_dim is not None:
+        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
+            raise TypeError(f"batch_dim must be an int, got {batch_dim!r}")
+        return {s.index: batch_dim for s in sites}
+    out: dict[int, int] = {}
+    by_scope: dict[tuple, list[ResidualSite]] = {}
+    for s in sites:
+        if capture is not None and is_inline_policy(s.trace_policy):
+            by_scope.setdefault((s.scope, s.trace_policy), []).append(s)
+    for (scope, policy), group in by_scope.items():
+        found = batch_dims(capture.block(scope, policy), [s.branch for s in group])
+        out.update({s.index: found.get(s.branch, 0) for s in group})
+    return out
+
+
 def _maybe_copy(model: nn.Module, inplace: bool) -> nn.Module:
     return require_module(model) if inplace else copy.deepcopy(require_module(model))
 
@@ -145,6 +169,7 @@ def apply_stochastic_depth(
     inplace: bool = True,
     skip_dropped: bool = False,
     example_inputs: Optional[Any] = None,
+    batch_dim: Optional[int] = None,
 ) -> nn.Module:
     """Give ``model`` stochastic depth (Huang et al., ECCV 2016): ``out = s + m * f(x) / (1-p)``.
 
@@ -169,13 +194,18 @@ def apply_stochastic_depth(
 
     ``example_inputs`` is only needed for blocks that do not trace symbolically (control flow on
     shapes): they are traced specialized on one forward of it (inferred from the model when
-    possible), with run-time guards.
+    possible), with run-time guards. It may be a Tensor, a tuple of arguments or a dict of keyword
+    arguments (``input_ids``, ``attention_mask``...); blocks that plain tracing cannot capture
+    (HuggingFace layers) are captured on the arguments they receive in that forward.
+
+    ``batch_dim``: the dimension of the branch outputs that indexes samples; by default found
+    from the capture (``(S, B, D)`` sequence-first layers get 1), else 0.
     """
     model = _maybe_copy(model, inplace)
     capture = capture_model(model, example_inputs)  # once: analysis, planning and rewrite share it
     plan = plan_stochastic_depth(model, rate, schedule, mode, include, exclude,
                                  skip_dropped=skip_dropped, example_inputs=example_inputs,
-                                 capture=capture)
+                                 capture=capture, batch_dim=batch_dim)
     existing = plan.meta["drop_path"]["existing_slots"]
     fallbacks = plan.meta["drop_path"]["skip_fallbacks"]
     if fallbacks:

@@ -225,6 +225,8 @@ class _Costs:
                 return _ZERO
             if isinstance(m, nn.Upsample):
                 return _NodeCost(0.0, False, True)
+            if isinstance(m, nn.MultiheadAttention):  # in-projection, then out-projection
+                return _NodeCost(2.0, False, False)
             if isinstance(m, _WEIGHTED_TYPES):
                 return _NodeCost(1.0, False, False)
             if _is_norm_module(m):

@@ -453,3 +453,58 @@ def site_owner_scope(graph: fx.Graph, add: str, body: list[str]) -> str:
     """The innermost child scope (relative) that holds an add and its whole branch, "" for the block."""
     scopes = {n.name: n.meta.get("regsurgery_scope", "") for n in graph.nodes}
     return _common_scope([scopes.get(add, "")] + [scopes.get(b, "") for b in body])
+
+
+# ----------------------------------------------------------------------------- batch dimension
+
+
+def batch_dims(block: BlockGraph, anchors: list[str]) -> dict[str, int]:
+    """The dimension that indexes samples in each anchor's value, found from the example call.
+
+    The block's graph is run (eval flags, seeded RNG, no grad) on its recorded arguments, then
+    again with sample 0 of its first tensor argument changed along a candidate dimension: the
+    batch dimension is the first one along which only slice 0 of the anchor changes (in
+    ``(S, B, D)`` attention mixes positions along dim 0, never samples along dim 1). Anchors
+    without a clear answer (a batch of one, BatchNorm in train mode) are left out (dim 0).
+    """
+    placeholders = [n for n in block.graph.nodes if n.op == "placeholder"]
+    values = [n.meta.get("regsurgery_value") for n in placeholders]
+    if not placeholders or not all(isinstance(v, torch.Tensor) for v in values) or not anchors:
+        return {}
+    x = values[0]
+    if not x.is_floating_point() or x.dim() < 2:
+        return {}
+    graph = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(block.graph, val_map)
+    by_name = {n.name: val_map[n] for n in block.graph.nodes if n in val_map}
+    graph.output(tuple(by_name[a] for a in anchors))
+    gm = fx.GraphModule(block.module, graph)
+
+    def run(first: torch.Tensor) -> tuple:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), _training_flags(block.module, False):
+            torch.manual_seed(0)
+            return gm(first, *values[1:])
+
+    try:
+        base = run(x)
+    except Exception:
+        return {}
+    found: dict[str, int] = {}
+    for d in range(x.dim()):
+        todo = [i for i, a in enumerate(anchors) if a not in found and isinstance(base[i], torch.Tensor)
+                and base[i].dim() > d and base[i].shape[d] == x.shape[d] > 1]
+        if not todo:
+            continue
+        x2 = x.clone()
+        part = x2.select(d, 0)  # a non-constant change: a norm would cancel a constant shift
+        part.add_(torch.randn(part.shape, generator=torch.Generator().manual_seed(1)).to(part))
+        try:
+            out = run(x2)
+        except Exception:
+            return found
+        for i in todo:
+            changed = (out[i] - base[i]).abs().float().movedim(d, 0).flatten(1).amax(1) > 1e-6
+            if bool(changed[0]) and not bool(changed[1:].any()):
+                found[anchors[i]] = d
+    return found

@@ -80,7 +80,8 @@ def _make_module(op: PlannedOp) -> nn.Module:
     if op.kind == "drop_path" and params.get("skip"):
         return make_skip_module(op)
     if op.kind == "drop_path":
-        return ops.DropPath(p, mode=params.get("mode", "row"), scale_by_keep=params.get("scale_by_keep", True))
+        return ops.DropPath(p, mode=params.get("mode", "row"), scale_by_keep=params.get("scale_by_keep", True),
+                            batch_dim=int(params.get("batch_dim", 0)))
     if op.kind == "drop_block":
         cls = ops.DropBlock3d if params.get("dims", 2) == 3 else ops.DropBlock2d
         return cls(p, block_size=int(params.get("block_size", 7)), per_channel=bool(params.get("per_channel", False)))
