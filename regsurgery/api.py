@@ -17,7 +17,8 @@ from .capture.fx import get_submodule, module_of, require_module
 from .capture.inline import batch_dims, is_inline_policy
 from .capture.model import ModelCapture, capture_model
 from .plan import Plan, PlannedOp, ScheduleFn, check_rate, depth_rates, scope_selected
-from .rewrite.apply import apply_plan
+from .rewrite.apply import apply_plan, is_patched, strip
+from .rewrite.check import PatchCheckError, check_train_forward
 
 __all__ = [
     "plan_stochastic_depth",
@@ -220,7 +221,29 @@ def apply_stochastic_depth(
             f"(e.g. {existing[0]!r}): their rates were set instead of inserting new ones",
             stacklevel=2,
         )
-    return apply_plan(model, plan, capture=capture)
+    return _apply_checked(model, plan, capture, example_inputs)
+
+
+def _apply_checked(model: nn.Module, plan: Plan, capture: ModelCapture, example_inputs: Any) -> nn.Module:
+    """apply_plan, then warn about what was not captured and run one train-mode forward of the
+    example (:func:`regsurgery.rewrite.check.check_train_forward`); a failing patch is undone."""
+    untraced = plan.meta.get("untraced") or []
+    if untraced:
+        warnings.warn(
+            f"{len(untraced)} modules of {type(model).__name__} could not be captured and get no "
+            "regularizer: " + "; ".join(f"{u['scope'] or '<root>'} ({u['reason'][:100]})" for u in untraced[:3])
+            + (" ..." if len(untraced) > 3 else "") + " (see residual_report(...).skipped)",
+            stacklevel=3,
+        )
+    patched_before = is_patched(model)
+    apply_plan(model, plan, capture=capture)
+    try:
+        check_train_forward(model, example_inputs)
+    except PatchCheckError:
+        if not patched_before:
+            strip(model)
+        raise
+    return model
 
 
 # ----------------------------------------------------------------------------- DropBlock

@@ -508,3 +508,48 @@ def batch_dims(block: BlockGraph, anchors: list[str]) -> dict[str, int]:
             if bool(changed[0]) and not bool(changed[1:].any()):
                 found[anchors[i]] = d
     return found
+
+
+# ----------------------------------------------------------------------------- optional arguments
+
+
+def _optional_used(block: BlockGraph) -> list[str]:
+    """Arguments with a ``None`` default that the block's plain graph reads: a plain trace made
+    them proxies, so ``x if arg is not None else ...`` kept its "not None" branch."""
+    try:
+        params = _signature(block.module).parameters
+    except (TypeError, ValueError):
+        return []
+    return [n.target for n in block.graph.nodes
+            if n.op == "placeholder" and n.users and n.target in params
+            and params[n.target].default is None]
+
+
+def inline_optional_args(model: nn.Module, items: list, example_inputs: Any) -> list:
+    """Capture again, on the example call, the blocks whose plain graph reads an optional
+    argument that the example call leaves ``None`` (that argument becomes a guarded constant)."""
+    candidates = {i.scope: _optional_used(i) for i in items
+                  if isinstance(i, BlockGraph) and i.example is None}
+    candidates = {s: names for s, names in candidates.items() if names}
+    if not candidates:
+        return items
+    if example_inputs is None:
+        example_inputs = default_example(model)
+    if example_inputs is None:
+        return items
+    try:
+        recorded = record_inline_inputs(model, list(candidates), example_inputs)
+    except Exception:
+        return items  # the plain captures stay; the train-mode check at apply time runs them
+    out = []
+    for item in items:
+        call = recorded.get(item.scope) if item.scope in candidates else None
+        if call is not None:
+            bound = _bind(item.module, *call)
+            if any(bound.get(name) is None for name in candidates[item.scope]):
+                try:
+                    item = trace_inline(item.module, item.scope, *call)
+                except Exception:
+                    pass
+        out.append(item)
+    return out

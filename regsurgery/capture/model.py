@@ -31,7 +31,7 @@ from .fx import (
     iter_block_graphs,
     trace_block,
 )
-from .inline import inline_example, inline_failures, inline_leaves, is_inline_policy, trace_inline
+from .inline import inline_example, inline_failures, inline_optional_args, inline_leaves, is_inline_policy, trace_inline
 
 __all__ = ["ModelCapture", "capture_model", "copy_graph", "specialize_failures"]
 
@@ -146,4 +146,5 @@ def capture_model(model: nn.Module, example_inputs: Any = None) -> ModelCapture:
     """Capture every block of ``model`` once (see the module docstring)."""
     items = specialize_failures(model, list(iter_block_graphs(model)), example_inputs)
     items = inline_failures(model, items, example_inputs)  # fallback: any failure left
+    items = inline_optional_args(model, items, example_inputs)  # None arguments stay constants
     return ModelCapture(model=model, items=items)
