@@ -583,7 +583,6 @@ def residual_report(
     depth_of: dict[str, int] = {}
     costs = _Costs(capture)
     found = _inline_aware_sites(items, capture, costs)
-    inline_scopes: set[str] = set()
     for item in items:
         if isinstance(item, TraceFailure):
             skipped.append(item)
@@ -591,14 +590,10 @@ def residual_report(
         traced += 1
         item, infos = found[id(item)]
         for info in infos:
-            if is_inline_policy(item.policy):  # a module inside an inline-captured block: its depth
-                outer = next((d for s, d in depth_of.items() if item.scope.startswith(s + ".")
-                              and s in inline_scopes), None)
-                if outer is not None:
-                    depth_of.setdefault(item.scope, outer)
-                inline_scopes.add(item.scope)
-            depth = depth_of.setdefault(item.scope, len(set(depth_of.values())))
-            sites.append(ResidualSite(scope=item.scope, index=len(sites), depth=depth, **info))
+            sites.append(ResidualSite(scope=item.scope, index=len(sites), depth=0, **info))
+    keys = _depth_keys(sites, capture)
+    for site in sites:
+        site.depth = depth_of.setdefault(keys[site.index], len(depth_of))
     return SiteReport(sites=sites, skipped=skipped, blocks_traced=traced)
 
 
@@ -637,3 +632,25 @@ def _inline_aware_sites(items: list, capture: Optional[ModelCapture], costs: _Co
             with_sites.append(item.scope)
         out[id(item)] = (block, infos)
     return out
+
+
+def _depth_keys(sites: list[ResidualSite], capture: Optional[ModelCapture]) -> dict[int, str]:
+    """The unit whose sites share a depth: the site's scope, or, where sites were captured inline,
+    the innermost element of a ModuleList / Sequential around it that holds two or more sites (a
+    transformer layer whose residuals sit in child modules: T5's ``block.N``, BERT's ``layer.N``)."""
+    keys = {s.index: s.scope for s in sites}
+    if capture is None:
+        return keys
+    containers = {name for name, m in capture.model.named_modules()
+                  if isinstance(m, (nn.ModuleList, nn.Sequential))}
+    if not any(is_inline_policy(s.trace_policy) for s in sites):
+        return keys
+    for site in sites:
+        parts = site.scope.split(".") if site.scope else []
+        for cut in range(len(parts), 0, -1):
+            unit, parent = ".".join(parts[:cut]), ".".join(parts[:cut - 1])
+            inside = [s for s in sites if s.scope == unit or s.scope.startswith(unit + ".")]
+            if parent in containers and len(inside) >= 2 and any(is_inline_policy(s.trace_policy) for s in inside):
+                keys[site.index] = unit
+                break
+    return keys
