@@ -328,3 +328,34 @@ def test_failing_patched_forward_is_refused_by_name():
     assert not rs.is_patched(net)  # refused: the model is left as it was
     net.train()
     net(x)
+
+
+# ----------------------------------------------------------------------------- integrations
+
+
+def test_trainer_callback_steps_rate_schedule(tmp_path):
+    from regsurgery.integrations import rate_schedule_callback
+
+    torch.manual_seed(0)
+    model, ex, _ = _gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rs.apply_stochastic_depth(model, rate=0.4, schedule="uniform", example_inputs=ex)
+    model.config.use_cache = False  # the layers were captured without a KV cache
+    schedule = rs.RateSchedule(model, total_steps=4)
+    assert all(m.p == 0 for m in rs.inserted_modules(model).values())
+
+    # The Trainer's own protocol objects (a Trainer needs accelerate, which this env lacks):
+    # CallbackHandler dispatches events exactly as Trainer does.
+    from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
+
+    handler = CallbackHandler([rate_schedule_callback(schedule)], model, None, None, None)
+    state, control = TrainerState(), TrainerControl()
+    state.global_step = 1  # a resumed run
+    handler.on_train_begin(None, state, control)
+    assert schedule.step_count == 1
+    assert all(m.p == pytest.approx(0.1) for m in rs.inserted_modules(model).values())
+    state.global_step = 2
+    handler.on_step_end(None, state, control)
+    assert schedule.step_count == 2
+    assert all(m.p == pytest.approx(0.2) for m in rs.inserted_modules(model).values())
