@@ -359,3 +359,19 @@ def test_trainer_callback_steps_rate_schedule(tmp_path):
     handler.on_step_end(None, state, control)
     assert schedule.step_count == 2
     assert all(m.p == pytest.approx(0.2) for m in rs.inserted_modules(model).values())
+
+
+def test_hf_own_drop_path_slots_reused():
+    torch.manual_seed(0)
+    cfg = T.ConvNextConfig(hidden_sizes=[8, 16], depths=[2, 2], num_stages=2, drop_path_rate=0.1)
+    model = T.ConvNextModel(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    slots = {n: m for n, m in model.named_modules() if type(m).__name__.endswith("DropPath")}
+    original = {n: m.drop_prob for n, m in slots.items()}
+    assert len(slots) == 3  # the first layer (rate 0) has an Identity
+    with pytest.warns(UserWarning, match="already has 3 DropPath"):
+        rs.apply_stochastic_depth(model, rate=0.3, schedule="uniform", example_inputs={"pixel_values": x})
+    assert all(m.drop_prob == pytest.approx(0.3) for m in slots.values())
+    assert len(rs.inserted_modules(model)) == 1  # only the layer without a slot gets a new DropPath
+    rs.strip(model)
+    assert {n: m.drop_prob for n, m in slots.items()} == original
