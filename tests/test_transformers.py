@@ -375,3 +375,20 @@ def test_hf_own_drop_path_slots_reused():
     assert len(rs.inserted_modules(model)) == 1  # only the layer without a slot gets a new DropPath
     rs.strip(model)
     assert {n: m.drop_prob for n, m in slots.items()} == original
+
+
+def test_inline_plan_from_json_applies_to_a_fresh_model():
+    """A plan names nodes of the inline capture; a fresh model rebuilds it from the plan's spec."""
+    torch.manual_seed(0)
+    model, ex, _ = _llama()
+    plan = rs.plan_stochastic_depth(model, rate=0.5, schedule="uniform", example_inputs=ex)
+    text = plan.to_json()
+    torch.manual_seed(0)
+    fresh, _, _ = _llama()
+    fresh.eval()
+    ref = fresh(**ex).logits
+    rs.apply_plan(fresh, rs.Plan.from_json(text))
+    assert len(rs.inserted_modules(fresh)) == 4
+    assert torch.equal(fresh(**ex).logits, ref)
+    fresh.train()
+    assert not torch.allclose(fresh(**ex).logits, fresh(**ex).logits)

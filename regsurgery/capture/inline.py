@@ -72,9 +72,16 @@ def inline_leaves(policy: str) -> list[str]:
 # ----------------------------------------------------------------------------- example arguments
 
 
+_SIGNATURES: dict[Any, inspect.Signature] = {}
+
+
 def _signature(module: nn.Module) -> inspect.Signature:
     # inspect follows functools.wraps (HF's checkpointing wrapper) to the real forward.
-    return inspect.signature(type(module).forward)
+    forward = type(module).forward
+    sig = _SIGNATURES.get(forward)
+    if sig is None:
+        sig = _SIGNATURES[forward] = inspect.signature(forward)
+    return sig
 
 
 def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -514,15 +521,16 @@ def batch_dims(block: BlockGraph, anchors: list[str]) -> dict[str, int]:
 
 
 def _optional_used(block: BlockGraph) -> list[str]:
-    """Arguments with a ``None`` default that the block's plain graph reads: a plain trace made
-    them proxies, so ``x if arg is not None else ...`` kept its "not None" branch."""
+    """Arguments with a ``None`` default that the block's own code computes with: a plain trace
+    made them proxies, so ``arg.to(x.dtype) if arg is not None else None`` kept its "not None"
+    branch. One only handed to a child module is safe: the child gets the real value at run time."""
     try:
         params = _signature(block.module).parameters
     except (TypeError, ValueError):
         return []
     return [n.target for n in block.graph.nodes
-            if n.op == "placeholder" and n.users and n.target in params
-            and params[n.target].default is None]
+            if n.op == "placeholder" and n.target in params and params[n.target].default is None
+            and any(u.op not in ("call_module", "output") for u in n.users)]
 
 
 def inline_optional_args(model: nn.Module, items: list, example_inputs: Any) -> list:
