@@ -92,6 +92,8 @@ def plan_stochastic_depth(
         skip = False
         if skip_dropped:
             reason = skip_blocker(model, site, mode, capture=capture)
+            if reason is None and mode == "row" and site_batch_dims.get(site.index):
+                reason = f"samples along dim {site_batch_dims[site.index]}: skipping gathers rows of dim 0"
             skip = reason is None
             if reason is not None:
                 fallbacks.append({"scope": site.scope, "add": site.add, "reason": reason})
