@@ -14,7 +14,7 @@ from .analysis.residual import ResidualSite, residual_report
 from .analysis.skip import skip_blocker
 from .analysis.stages import find_conv_stages
 from .capture.fx import get_submodule, module_of, require_module
-from .capture.inline import batch_dims, is_inline_policy
+from .capture.inline import batch_dims, is_inline_policy, record_inline_inputs
 from .capture.model import ModelCapture, capture_model
 from .plan import Plan, PlannedOp, ScheduleFn, check_rate, depth_rates, scope_selected
 from .rewrite.apply import apply_plan, is_patched, strip
@@ -77,7 +77,7 @@ def plan_stochastic_depth(
             f"no residual sites found in {type(model).__name__}{why}: stochastic depth needs residual "
             "adds (out = x + f(x)); check find_residual_sites(model) or use another regularizer"
         )
-    site_batch_dims = _site_batch_dims(all_sites, capture, batch_dim)
+    site_batch_dims = _site_batch_dims(all_sites, capture, batch_dim, example_inputs)
     num_depths = max(s.depth for s in all_sites) + 1
     rates = depth_rates(num_depths, rate, schedule)
     ops: list[PlannedOp] = []
@@ -138,7 +138,8 @@ def plan_stochastic_depth(
 
 
 def _site_batch_dims(
-    sites: list[ResidualSite], capture: Optional[ModelCapture], batch_dim: Optional[int]
+    sites: list[ResidualSite], capture: Optional[ModelCapture], batch_dim: Optional[int],
+    example_inputs: Any = None,
 ) -> dict[int, int]:
     """Site index -> the dimension of its branch that indexes samples: ``batch_dim`` when given,
     else found from the capture of blocks captured on their recorded arguments (else 0)."""
@@ -149,10 +150,21 @@ def _site_batch_dims(
     out: dict[int, int] = {}
     by_scope: dict[tuple, list[ResidualSite]] = {}
     for s in sites:
-        if capture is not None and is_inline_policy(s.trace_policy):
+        if capture is not None:
             by_scope.setdefault((s.scope, s.trace_policy), []).append(s)
+    # Plain captures hold no example values: their blocks' calls are recorded once, when the
+    # example is given (a plain capture of a sequence-first block: nn.TransformerDecoderLayer).
+    plain = [scope for scope, policy in by_scope if not is_inline_policy(policy) and "specialized" not in policy]
+    calls: dict[str, Any] = {}
+    if plain and example_inputs is not None:
+        try:
+            calls = record_inline_inputs(capture.model, plain, example_inputs)
+        except Exception:
+            calls = {}
     for (scope, policy), group in by_scope.items():
-        found = batch_dims(capture.block(scope, policy), [s.branch for s in group])
+        if not is_inline_policy(policy) and scope not in calls:
+            continue
+        found = batch_dims(capture.block(scope, policy), [s.branch for s in group], calls.get(scope))
         out.update({s.index: found.get(s.branch, 0) for s in group})
     return out
 

@@ -465,7 +465,7 @@ def site_owner_scope(graph: fx.Graph, add: str, body: list[str]) -> str:
 # ----------------------------------------------------------------------------- batch dimension
 
 
-def batch_dims(block: BlockGraph, anchors: list[str]) -> dict[str, int]:
+def batch_dims(block: BlockGraph, anchors: list[str], call: Optional[tuple[tuple, dict]] = None) -> dict[str, int]:
     """The dimension that indexes samples in each anchor's value, found from the example call.
 
     The block's graph is run (eval flags, seeded RNG, no grad) on its recorded arguments, then
@@ -475,12 +475,17 @@ def batch_dims(block: BlockGraph, anchors: list[str]) -> dict[str, int]:
     without a clear answer (a batch of one, BatchNorm in train mode) are left out (dim 0).
     """
     placeholders = [n for n in block.graph.nodes if n.op == "placeholder"]
-    values = [n.meta.get("regsurgery_value") for n in placeholders]
-    if not placeholders or not all(isinstance(v, torch.Tensor) for v in values) or not anchors:
+    if call is not None:  # a plain graph: its placeholders are the forward's parameters
+        values, kwargs = list(call[0]), dict(call[1])
+    else:  # an inline graph: its placeholders are the tensors of the recorded call
+        values, kwargs = [n.meta.get("regsurgery_value") for n in placeholders], {}
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            return {}
+    if not placeholders or not values or not isinstance(values[0], torch.Tensor) or not anchors:
         return {}
     x = values[0]
-    if not x.is_floating_point() or x.dim() < 2:
-        return {}
+    if not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 1:
+        return {}  # with a size-1 dim 0, a channel-wise branch would pass for samples along dim 1
     graph = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
     graph.graph_copy(block.graph, val_map)
@@ -491,7 +496,7 @@ def batch_dims(block: BlockGraph, anchors: list[str]) -> dict[str, int]:
     def run(first: torch.Tensor) -> tuple:
         with torch.random.fork_rng(devices=[]), torch.no_grad(), _training_flags(block.module, False):
             torch.manual_seed(0)
-            return gm(first, *values[1:])
+            return gm(first, *values[1:], **kwargs)
 
     try:
         base = run(x)
