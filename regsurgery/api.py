@@ -15,6 +15,7 @@ from .analysis.residual import ResidualSite, SiteReport, residual_report
 from .analysis.skip import skip_blocker
 from .analysis.stages import find_conv_stages
 from .capture.fx import get_submodule, module_of, require_module
+from .capture.inline import batch_dims, is_inline_policy, record_inline_inputs
 from .capture.model import ModelCapture, capture_model
 from .plan import (
     DropBlockParams,
@@ -27,7 +28,8 @@ from .plan import (
     depth_rates,
     scope_selected,
 )
-from .rewrite.apply import apply_plan
+from .rewrite.apply import apply_plan, is_patched, strip
+from .rewrite.check import PatchCheckError, check_train_forward
 
 __all__ = [
     "plan_stochastic_depth",
@@ -62,6 +64,7 @@ def plan_stochastic_depth(
     example_inputs: Optional[Any] = None,
     sites: Optional[list[ResidualSite]] = None,
     capture: Optional[ModelCapture] = None,
+    batch_dim: Optional[int] = None,
 ) -> Plan:
     """Plan one DropPath per residual call site, rates by depth (see :func:`apply_stochastic_depth`).
 
@@ -85,6 +88,7 @@ def plan_stochastic_depth(
             f"no residual sites found in {type(model).__name__}{why}: stochastic depth needs residual "
             "adds (out = x + f(x)); check find_residual_sites(model) or use another regularizer"
         )
+    site_batch_dims = _site_batch_dims(all_sites, capture, batch_dim, example_inputs)
     num_depths = max(s.depth for s in all_sites) + 1
     rates = depth_rates(num_depths, rate, schedule)
     ops: list[PlannedOp] = []
@@ -99,6 +103,8 @@ def plan_stochastic_depth(
         skip = False
         if skip_dropped:
             reason = skip_blocker(model, site, mode, capture=capture)
+            if reason is None and mode == "row" and site_batch_dims.get(site.index):
+                reason = f"samples along dim {site_batch_dims[site.index]}: skipping gathers rows of dim 0"
             skip = reason is None
             if reason is not None:
                 fallbacks.append({"scope": site.scope, "add": site.add, "reason": reason})
@@ -123,7 +129,8 @@ def plan_stochastic_depth(
                 kind="drop_path", scope=site.scope, anchor=site.branch, user=site.add, role="branch",
                 depth=site.depth, site=site.index,
                 params=DropPathParams(p=p, mode=mode, trace_policy=site.trace_policy,
-                                      trace_example=site.trace_example, skip=skip),
+                                      trace_example=site.trace_example, skip=skip,
+                                      batch_dim=int(site_batch_dims.get(site.index) or 0)),
             ))
     if selected == 0:
         raise NoSitesError(
@@ -141,6 +148,38 @@ def plan_stochastic_depth(
     return Plan(ops=ops, meta=meta)
 
 
+def _site_batch_dims(
+    sites: list[ResidualSite], capture: Optional[ModelCapture], batch_dim: Optional[int],
+    example_inputs: Any = None,
+) -> dict[int, int]:
+    """Site index -> the dimension of its branch that indexes samples: ``batch_dim`` when given,
+    else found from the capture of blocks captured on their recorded arguments (else 0)."""
+    if batch_dim is not None:
+        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
+            raise TypeError(f"batch_dim must be an int, got {batch_dim!r}")
+        return {s.index: batch_dim for s in sites}
+    out: dict[int, int] = {}
+    by_scope: dict[tuple, list[ResidualSite]] = {}
+    for s in sites:
+        if capture is not None:
+            by_scope.setdefault((s.scope, s.trace_policy), []).append(s)
+    # Plain captures hold no example values: their blocks' calls are recorded once, when the
+    # example is given (a plain capture of a sequence-first block: nn.TransformerDecoderLayer).
+    plain = [scope for scope, policy in by_scope if not is_inline_policy(policy) and "specialized" not in policy]
+    calls: dict[str, Any] = {}
+    if plain and example_inputs is not None:
+        try:
+            calls = record_inline_inputs(capture.model, plain, example_inputs)
+        except Exception:
+            calls = {}
+    for (scope, policy), group in by_scope.items():
+        if not is_inline_policy(policy) and scope not in calls:
+            continue
+        found = batch_dims(capture.block(scope, policy), [s.branch for s in group], calls.get(scope))
+        out.update({s.index: found.get(s.branch, 0) for s in group})
+    return out
+
+
 def _maybe_copy(model: nn.Module, inplace: bool) -> nn.Module:
     return require_module(model) if inplace else copy.deepcopy(require_module(model))
 
@@ -156,6 +195,7 @@ def apply_stochastic_depth(
     inplace: bool = True,
     skip_dropped: bool = False,
     example_inputs: Optional[Any] = None,
+    batch_dim: Optional[int] = None,
 ) -> nn.Module:
     """Give ``model`` stochastic depth (Huang et al., ECCV 2016): ``out = s + m * f(x) / (1-p)``.
 
@@ -180,13 +220,18 @@ def apply_stochastic_depth(
 
     ``example_inputs`` is only needed for blocks that do not trace symbolically (control flow on
     shapes): they are traced specialized on one forward of it (inferred from the model when
-    possible), with run-time guards.
+    possible), with run-time guards. It may be a Tensor, a tuple of arguments or a dict of keyword
+    arguments (``input_ids``, ``attention_mask``...); blocks that plain tracing cannot capture
+    (HuggingFace layers) are captured on the arguments they receive in that forward.
+
+    ``batch_dim``: the dimension of the branch outputs that indexes samples; by default found
+    from the capture (``(S, B, D)`` sequence-first layers get 1), else 0.
     """
     model = _maybe_copy(model, inplace)
     capture = capture_model(model, example_inputs)  # once: analysis, planning and rewrite share it
     plan = plan_stochastic_depth(model, rate, schedule, mode, include, exclude,
                                  skip_dropped=skip_dropped, example_inputs=example_inputs,
-                                 capture=capture)
+                                 capture=capture, batch_dim=batch_dim)
     existing = plan.meta["drop_path"]["existing_slots"]
     fallbacks = plan.meta["drop_path"]["skip_fallbacks"]
     if fallbacks:
@@ -201,7 +246,29 @@ def apply_stochastic_depth(
             f"(e.g. {existing[0]!r}): their rates were set instead of inserting new ones",
             stacklevel=2,
         )
-    return apply_plan(model, plan, capture=capture)
+    return _apply_checked(model, plan, capture, example_inputs)
+
+
+def _apply_checked(model: nn.Module, plan: Plan, capture: ModelCapture, example_inputs: Any) -> nn.Module:
+    """apply_plan, then warn about what was not captured and run one train-mode forward of the
+    example (:func:`regsurgery.rewrite.check.check_train_forward`); a failing patch is undone."""
+    untraced = plan.meta.get("untraced") or []
+    if untraced:
+        warnings.warn(
+            f"{len(untraced)} modules of {type(model).__name__} could not be captured and get no "
+            "regularizer: " + "; ".join(f"{u['scope'] or '<root>'} ({u['reason'][:100]})" for u in untraced[:3])
+            + (" ..." if len(untraced) > 3 else "") + " (see residual_report(...).skipped)",
+            stacklevel=3,
+        )
+    patched_before = is_patched(model)
+    apply_plan(model, plan, capture=capture)
+    try:
+        check_train_forward(model, example_inputs)
+    except PatchCheckError:
+        if not patched_before:
+            strip(model)
+        raise
+    return model
 
 
 # ----------------------------------------------------------------------------- DropBlock

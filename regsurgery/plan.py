@@ -91,6 +91,7 @@ class DropPathParams(OpParams):
     mode: str = "row"
     scale_by_keep: bool = True
     skip: bool = False
+    batch_dim: int = 0  # the dimension samples are stacked along ((S, B, D) layers: 1)
     trace_policy: Optional[str] = None
     trace_example: Optional[dict[str, Any]] = None
 

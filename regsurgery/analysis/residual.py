@@ -52,6 +52,7 @@ from ..capture.fx import (
     tensor_inputs,
     trace_block,
 )
+from ..capture.inline import inline_policy, is_inline_policy, site_owner_scope
 from ..capture.model import ModelCapture, capture_model
 from ..ops.slots import rate_attr
 
@@ -77,6 +78,7 @@ _WEIGHTED_FUNCTIONS = {
     F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
     F.conv_transpose3d, F.scaled_dot_product_attention,
 }
+_WEIGHTED_FUNCTIONS |= {torch.addmm, torch.addbmm}  # HF Conv1D (GPT-2): x @ W + b in one call
 _WEIGHTED_METHODS = {"matmul", "bmm", "mm"}
 _NORM_FUNCTIONS = {F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.normalize}
 _UPSAMPLE_FUNCTIONS = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
@@ -224,6 +226,8 @@ class _Costs:
                 return _ZERO
             if isinstance(m, nn.Upsample):
                 return _NodeCost(0.0, False, True)
+            if isinstance(m, nn.MultiheadAttention):  # in-projection, then out-projection
+                return _NodeCost(2.0, False, False)
             if isinstance(m, _WEIGHTED_TYPES):
                 return _NodeCost(1.0, False, False)
             if _is_norm_module(m):
@@ -539,7 +543,11 @@ def analyse_block(block: BlockGraph, costs: Optional[_Costs] = None) -> list[dic
         if info is None:
             continue
         residual_adds.add(node)
-        if not own_node(node):
+        if is_inline_policy(block.policy):
+            # Inlined children: the add belongs to the innermost module holding it and its branch.
+            if site_owner_scope(block.graph, node.name, [n for n in info["branch_nodes"]]) != "":
+                continue
+        elif not own_node(node):
             continue
         existing, attr = _existing_slot(info["branch"], block.module, block.scope)
         info.update(
@@ -577,14 +585,18 @@ def residual_report(
     traced = 0
     depth_of: dict[str, int] = {}
     costs = _Costs(capture)
+    found = _inline_aware_sites(items, capture, costs)
     for item in items:
         if isinstance(item, TraceFailure):
             skipped.append(item)
             continue
         traced += 1
-        for info in analyse_block(item, costs):
-            depth = depth_of.setdefault(item.scope, len(depth_of))
-            sites.append(ResidualSite(scope=item.scope, index=len(sites), depth=depth, **info))
+        item, infos = found[id(item)]
+        for info in infos:
+            sites.append(ResidualSite(scope=item.scope, index=len(sites), depth=0, **info))
+    keys = _depth_keys(sites, capture)
+    for site in sites:
+        site.depth = depth_of.setdefault(keys[site.index], len(depth_of))
     return SiteReport(sites=sites, skipped=skipped, blocks_traced=traced)
 
 
@@ -600,3 +612,48 @@ def find_residual_sites(
     ``example_inputs`` (inferred from the model when possible). The model is not modified.
     """
     return residual_report(model, example_inputs).sites
+
+
+def _inline_aware_sites(items: list, capture: Optional[ModelCapture], costs: _Costs) -> dict[int, tuple]:
+    """Sites of every captured block, innermost blocks first. A block captured inline (children
+    inlined, :mod:`regsurgery.capture.inline`) is captured again with its descendants that hold
+    sites as leaves, so that its patched forward still calls their patched forwards."""
+    blocks = [i for i in items if isinstance(i, BlockGraph)]
+    out: dict[int, tuple] = {}
+    with_sites: list[str] = []
+    for item in sorted(blocks, key=lambda b: -len(b.scope.split(".")) if b.scope else 0):
+        block = item
+        if is_inline_policy(item.policy) and capture is not None:
+            prefix = f"{item.scope}." if item.scope else ""
+            inner = [s for s in with_sites if s.startswith(prefix) and s != item.scope]
+            outer = [s for s in inner if not any(s.startswith(o + ".") for o in inner)]
+            policy = inline_policy([s[len(prefix):] for s in outer])
+            if policy != item.policy:
+                block = capture.block(item.scope, policy)
+        infos = analyse_block(block, costs)
+        if infos:
+            with_sites.append(item.scope)
+        out[id(item)] = (block, infos)
+    return out
+
+
+def _depth_keys(sites: list[ResidualSite], capture: Optional[ModelCapture]) -> dict[int, str]:
+    """The unit whose sites share a depth: the site's scope, or, where sites were captured inline,
+    the innermost element of a ModuleList / Sequential around it that holds two or more sites (a
+    transformer layer whose residuals sit in child modules: T5's ``block.N``, BERT's ``layer.N``)."""
+    keys = {s.index: s.scope for s in sites}
+    if capture is None:
+        return keys
+    containers = {name for name, m in capture.model.named_modules()
+                  if isinstance(m, (nn.ModuleList, nn.Sequential))}
+    if not any(is_inline_policy(s.trace_policy) for s in sites):
+        return keys
+    for site in sites:
+        parts = site.scope.split(".") if site.scope else []
+        for cut in range(len(parts), 0, -1):
+            unit, parent = ".".join(parts[:cut]), ".".join(parts[:cut - 1])
+            inside = [s for s in sites if s.scope == unit or s.scope.startswith(unit + ".")]
+            if parent in containers and len(inside) >= 2 and any(is_inline_policy(s.trace_policy) for s in inside):
+                keys[site.index] = unit
+                break
+    return keys

@@ -419,6 +419,15 @@ def capture_block_inputs(
     return found
 
 
+def is_builtin_composite(module: nn.Module) -> bool:
+    """A ``torch.nn`` module that composes two or more children with parameters (the transformer
+    encoder / decoder layers): it can hold residual adds, so it is captured like a custom block."""
+    if not (type(module).__module__ or "").startswith("torch.nn"):
+        return False
+    weighted = [c for c in module.children() if next(c.parameters(), None) is not None]
+    return len(weighted) >= 2
+
+
 def _has_own_forward(module: nn.Module) -> bool:
     return type(module).forward is not nn.Module.forward
 
@@ -451,7 +460,8 @@ def iter_block_graphs(model: nn.Module, *, chains: bool = False) -> Iterator[Blo
     that other analyses (hidden MLP layers) read.
     """
     for scope, module in model.named_modules():
-        if _is_builtin_module(module) or not _has_own_forward(module) or (not chains and holds_no_own_add(module)):
+        if ((_is_builtin_module(module) and not is_builtin_composite(module)) or not _has_own_forward(module)
+                or (not chains and holds_no_own_add(module))):
             continue
         try:
             yield trace_block(module, scope)

@@ -32,6 +32,14 @@ from .fx import (
     iter_block_graphs,
     trace_block,
 )
+from .inline import (
+    inline_example,
+    inline_failures,
+    inline_leaves,
+    inline_optional_args,
+    is_inline_policy,
+    trace_inline,
+)
 from .session import tracing_session
 
 __all__ = ["ModelCapture", "capture_model", "copy_graph", "specialize_failures"]
@@ -81,6 +89,14 @@ class ModelCapture:
             return item
         module = get_submodule(self.model, scope)
         spec = item.example if isinstance(item, BlockGraph) else None
+        if is_inline_policy(policy) or (policy is None and spec and "inline" in spec):
+            if not spec or "inline" not in spec:
+                raise ValueError(f"scope {scope!r} was captured inline on example arguments; pass them")
+            real = getattr(item, "inline_args", None)  # the recorded call, when in memory
+            block = trace_inline(module, scope, *(real or inline_example(spec, module)),
+                                 leaves=tuple(inline_leaves(policy or "inline")), spec=spec)
+            self._by_scope[scope] = block
+            return block
         block = trace_block(module, scope, policy=policy,
                             example=example_from_spec(spec, module) if spec else None)
         block.example = spec
@@ -141,4 +157,6 @@ def capture_model(model: nn.Module, example_inputs: Any = None) -> ModelCapture:
     """Capture every block of ``model`` once (see the module docstring)."""
     with tracing_session():
         items = specialize_failures(model, list(iter_block_graphs(model)), example_inputs)
+        items = inline_failures(model, items, example_inputs)  # fallback: any failure left
+        items = inline_optional_args(model, items, example_inputs)  # None arguments stay constants
     return ModelCapture(model=model, items=items)

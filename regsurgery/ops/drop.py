@@ -270,6 +270,7 @@ def drop_path(
     mode: str = "row",
     scale_by_keep: bool = True,
     generator: Optional[torch.Generator] = None,
+    batch_dim: int = 0,
 ) -> torch.Tensor:
     """Stochastic depth (Huang et al., 2016): drop whole residual branches.
 
@@ -285,6 +286,7 @@ def drop_path(
         mode: ``"row"`` or ``"batch"``.
         scale_by_keep: divide survivors by ``1 - p`` so the expectation is kept.
         generator: optional ``torch.Generator`` (on ``x``'s device) for reproducible draws.
+        batch_dim: the dimension that indexes samples (1 for sequence-first ``(S, B, D)``).
     """
     _check_p(p)
     _check_mode(mode)
@@ -296,6 +298,8 @@ def drop_path(
     keep = 1.0 - p
     if mode == "row":
         shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        if batch_dim % x.dim() != 0:
+            shape = tuple(n if d == batch_dim % x.dim() else 1 for d, n in enumerate(x.shape))
     else:
         shape = (1,) * x.dim()
     # rand < keep rather than bernoulli_(keep): the latter specializes a compiled graph on the
@@ -412,23 +416,26 @@ class DropPath(RegularizerModule):
         p: drop probability in [0, 1]; a plain attribute that schedules may reassign.
         mode: ``"row"`` (one draw per sample) or ``"batch"`` (one draw per batch).
         scale_by_keep: divide survivors by ``1 - p``.
+        batch_dim: the dimension that indexes samples (0, or 1 for sequence-first tensors).
     """
 
-    def __init__(self, p: float = 0.1, mode: str = "row", scale_by_keep: bool = True) -> None:
+    def __init__(self, p: float = 0.1, mode: str = "row", scale_by_keep: bool = True, batch_dim: int = 0) -> None:
         super().__init__()
         _check_p(p)
         _check_mode(mode)
         self.p = float(p)
         self.mode = mode
         self.scale_by_keep = scale_by_keep
+        self.batch_dim = int(batch_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
-        return drop_path(x, self.p, True, self.mode, self.scale_by_keep)
+        return drop_path(x, self.p, True, self.mode, self.scale_by_keep, batch_dim=getattr(self, "batch_dim", 0))
 
     def extra_repr(self) -> str:
-        return f"p={self.p:.4g}, mode={self.mode!r}, scale_by_keep={self.scale_by_keep}"
+        extra = f", batch_dim={self.batch_dim}" if getattr(self, "batch_dim", 0) else ""
+        return f"p={self.p:.4g}, mode={self.mode!r}, scale_by_keep={self.scale_by_keep}{extra}"
 
 
 class _DropBlockNd(RegularizerModule):

@@ -31,6 +31,13 @@ from torch import nn
 
 from .. import ops
 from ..capture.fx import CONTAINER, example_from_spec, get_submodule, trace_block
+from ..capture.inline import (
+    call_adapter,
+    inline_example,
+    inline_leaves,
+    is_inline_policy,
+    trace_inline,
+)
 from ..capture.model import ModelCapture, copy_graph
 from ..plan import (
     DropBlockParams,
@@ -100,7 +107,8 @@ def _make_module(op: PlannedOp) -> nn.Module:
     if isinstance(params, DropPathParams):
         if params.skip:
             return make_skip_module(op)
-        return ops.DropPath(p, mode=params.mode, scale_by_keep=params.scale_by_keep)
+        return ops.DropPath(p, mode=params.mode, scale_by_keep=params.scale_by_keep,
+                            batch_dim=int(params.batch_dim))
     if isinstance(params, DropBlockParams):
         cls = ops.DropBlock3d if params.dims == 3 else ops.DropBlock2d
         return cls(p, block_size=int(params.block_size), per_channel=bool(params.per_channel))
@@ -278,6 +286,9 @@ def _prepare_block(
     if capture is not None and old is None and capture.model is model:
         # The block as analysed, copied: the capture is shared and must not change.
         graph = copy_graph(capture.block(scope, policy).graph)
+    elif is_inline_policy(policy):  # captured on its recorded arguments: rebuilt from their spec
+        graph = trace_inline(block, scope, *inline_example(spec, block),
+                             leaves=tuple(inline_leaves(policy)), spec=spec).graph
     else:  # a plan from a file, or a block patched before: trace its class forward now
         graph = trace_block(block, scope, policy=policy,
                             example=example_from_spec(spec, block) if spec else None).graph
@@ -285,6 +296,8 @@ def _prepare_block(
     _add_into_drop_path_outputs(graph, {
         target for target, op in named if op.kind == "drop_path" and not _is_skip(op)})
     train_forward, source = _compile_forward(graph, scope)
+    if is_inline_policy(policy):
+        train_forward = call_adapter(block, spec, train_forward, scope)
     for op in ops:
         if _is_skip(op):
             bind_skip_module(modules[op.key], block, graph, op)
