@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -10,7 +11,7 @@ from typing import Any, Optional, Union
 import torch.fx as fx
 from torch import nn
 
-from .analysis.residual import ResidualSite, residual_report
+from .analysis.residual import ResidualSite, SiteReport, residual_report, stack_depths
 from .analysis.skip import skip_blocker
 from .analysis.stages import find_conv_stages
 from .capture.fx import example_from_spec, get_submodule, module_of, require_module, trace_block
@@ -28,6 +29,7 @@ __all__ = [
 Patterns = Union[None, str, Sequence[str]]
 DROP_PATH_MODES = ("row", "batch")
 DROPBLOCK_WHERE = ("branch", "skip")
+DEPTH_MODES = ("blocks", "sites")
 
 
 class NoSitesError(ValueError):
@@ -49,6 +51,7 @@ def plan_stochastic_depth(
     skip_dropped: bool = False,
     example_inputs: Optional[Any] = None,
     sites: Optional[list[ResidualSite]] = None,
+    depth: str = "blocks",
 ) -> Plan:
     """Plan one DropPath per residual call site, rates by depth (see :func:`apply_stochastic_depth`).
 
@@ -59,28 +62,28 @@ def plan_stochastic_depth(
     rate = check_rate("rate", rate)
     if mode not in DROP_PATH_MODES:
         raise ValueError(f"mode must be one of {DROP_PATH_MODES}, got {mode!r}")
-    report = residual_report(model, example_inputs) if sites is None else None
+    if depth not in DEPTH_MODES:
+        raise ValueError(f"depth must be one of {DEPTH_MODES}, got {depth!r}")
+    site_patterns = [p for p in _pattern_list(include) if ":" in p]
+    report = residual_report(model, example_inputs, force=site_patterns) if sites is None else None
     all_sites = sites if sites is not None else report.sites
     if not all_sites:
-        why = ""
-        if report is not None and report.skipped:
-            why = f" ({len(report.skipped)} modules could not be traced: " + ", ".join(
-                f"{f.scope or '<root>'}" for f in report.skipped[:5]) + ")"
-        raise NoSitesError(
-            f"no residual sites found in {type(model).__name__}{why}: stochastic depth needs residual "
-            "adds (out = x + f(x)); check find_residual_sites(model) or use another regularizer"
-        )
-    num_depths = max(s.depth for s in all_sites) + 1
+        raise NoSitesError(_no_sites_message(model, report))
+    if depth == "blocks":
+        site_depths, num_depths = stack_depths(model, all_sites)
+    else:
+        site_depths = [s.depth for s in all_sites]
+        num_depths = max(site_depths) + 1
     rates = depth_rates(num_depths, rate, schedule)
     ops: list[PlannedOp] = []
     slots_seen: set[str] = set()
     selected = 0
     fallbacks: list[dict[str, str]] = []
-    for site in all_sites:
-        if not scope_selected(site.scope, include, exclude):
+    for site, site_depth in zip(all_sites, site_depths):
+        if not _site_selected(site, include, exclude):
             continue
         selected += 1
-        p = rates[site.depth]
+        p = rates[site_depth]
         skip = False
         if skip_dropped:
             reason = skip_blocker(model, site, mode)
@@ -92,7 +95,7 @@ def plan_stochastic_depth(
             if site.existing not in slots_seen:
                 slots_seen.add(site.existing)
                 ops.append(PlannedOp(
-                    kind="set_rate", scope=site.scope, depth=site.depth, site=site.index, role="branch",
+                    kind="set_rate", scope=site.scope, depth=site_depth, site=site.index, role="branch",
                     params={"module": site.existing, "attr": site.existing_attr or "p", "p": 0.0},
                 ))
         if site.existing and not skip:
@@ -100,13 +103,13 @@ def plan_stochastic_depth(
                 continue  # one module called by two sites of the same block (Mixer): one rate
             slots_seen.add(site.existing)
             ops.append(PlannedOp(
-                kind="set_rate", scope=site.scope, depth=site.depth, site=site.index, role="branch",
+                kind="set_rate", scope=site.scope, depth=site_depth, site=site.index, role="branch",
                 params={"module": site.existing, "attr": site.existing_attr or "p", "p": p, "mode": mode},
             ))
         else:
             ops.append(PlannedOp(
                 kind="drop_path", scope=site.scope, anchor=site.branch, user=site.add, role="branch",
-                depth=site.depth, site=site.index,
+                depth=site_depth, site=site.index,
                 params={"p": p, "mode": mode, "trace_policy": site.trace_policy,
                         "trace_example": site.trace_example, "skip": skip},
             ))
@@ -116,7 +119,8 @@ def plan_stochastic_depth(
             f"sites (scopes such as {all_sites[0].scope!r}); fix the patterns"
         )
     meta: dict[str, Any] = {
-        "drop_path": {"rate": rate, "schedule": _schedule_name(schedule), "mode": mode,
+        "drop_path": {"rate": rate, "schedule": _schedule_name(schedule), "mode": mode, "depth": depth,
+                      "num_depths": num_depths, "forced": [f"{s.scope}:{s.add}" for s in all_sites if s.forced],
                       "include": include, "exclude": exclude, "sites": selected,
                       "existing_slots": sorted(slots_seen), "skip_dropped": skip_dropped,
                       "skip_fallbacks": fallbacks},
@@ -124,6 +128,49 @@ def plan_stochastic_depth(
     if report is not None and report.skipped:
         meta["untraced"] = [vars(f) for f in report.skipped]
     return Plan(ops=ops, meta=meta)
+
+
+def _pattern_list(patterns: Patterns) -> list[str]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        return [patterns]
+    items = list(patterns)
+    if not all(isinstance(p, str) for p in items):
+        raise ValueError(f"include must be a scope pattern or a list of them, got {patterns!r}")
+    return items
+
+
+def _site_selected(site: ResidualSite, include: Patterns, exclude: Patterns) -> bool:
+    """Scope patterns as :func:`scope_selected`; a pattern with a colon names one add
+    (``"scope:addnode"``, the key ``residual_report`` shows for rejected adds)."""
+    inc, exc = _pattern_list(include), _pattern_list(exclude)
+    key = f"{site.scope}:{site.add}"
+
+    def hit(patterns: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(key, p) if ":" in p else scope_selected(site.scope, p) for p in patterns)
+
+    if inc and not hit(inc):
+        return False
+    return not (exc and hit(exc))
+
+
+def _no_sites_message(model: nn.Module, report: Optional[SiteReport]) -> str:
+    why = ""
+    if report is not None and report.skipped:
+        why = f" ({len(report.skipped)} modules could not be traced: " + ", ".join(
+            f"{f.scope or '<root>'}" for f in report.skipped[:5]) + ")"
+    msg = (f"no residual sites found in {type(model).__name__}{why}: stochastic depth needs residual "
+           "adds (out = x + f(x))")
+    closest = report.closest() if report is not None else []
+    if closest:
+        msg += "; closest candidates and why they were rejected:\n" + "\n".join(
+            f"  {r.key} [{r.rule}] {r.reason}" + (" (forceable: include=" + repr(r.key) + ")" if r.forceable else "")
+            for r in closest)
+        msg += "\nforce one in with include='scope:addnode', or use another regularizer"
+    else:
+        msg += "; the model has no add of two data values; check residual_report(model) or use another regularizer"
+    return msg
 
 
 def _maybe_copy(model: nn.Module, inplace: bool) -> nn.Module:
@@ -141,6 +188,7 @@ def apply_stochastic_depth(
     inplace: bool = True,
     skip_dropped: bool = False,
     example_inputs: Optional[Any] = None,
+    depth: str = "blocks",
 ) -> nn.Module:
     """Give ``model`` stochastic depth (Huang et al., ECCV 2016): ``out = s + m * f(x) / (1-p)``.
 
@@ -149,7 +197,16 @@ def apply_stochastic_depth(
     of ``D`` the rate ``rate * d / (D - 1)`` (the deepest gets ``rate``, as timm does);
     ``"uniform"`` gives every block ``rate``; a callable ``(depth, num_depths, rate) -> p`` any
     other rule. Both residuals of one block share a depth. ``include`` / ``exclude`` filter
-    sites by scope pattern (``"layer3.*"``).
+    sites by scope pattern (``"layer3.*"``); a pattern with a colon names one add
+    (``"blocks.3:add_1"``) and also forces in an add the rules rejected (see
+    :func:`regsurgery.residual_report`, ``rejected``); the plan's meta lists forced sites.
+
+    ``depth="blocks"`` (the default) counts depths in stacked blocks the way timm and torchvision
+    do: every block of a stack takes a depth, residual or not (an EfficientNet's stride-2 blocks
+    too), so ``D`` is the number of blocks (:func:`regsurgery.analysis.residual.stack_depths`).
+    On stacks whose blocks are all residual (ResNet, ViT, ConvNeXt, Swin) it equals
+    ``depth="sites"``, which counts only blocks that hold a residual site. Loops in one forward
+    (``for blk in self.blocks: x = x + blk(x)``) give each block its own depth in both modes.
 
     Mutation: with ``inplace=True`` (the default) ``model`` itself is patched and returned — its
     class, methods, attributes and ``state_dict`` keys are unchanged; with ``inplace=False`` a deep
@@ -168,7 +225,7 @@ def apply_stochastic_depth(
     possible), with run-time guards.
     """
     plan = plan_stochastic_depth(model, rate, schedule, mode, include, exclude,
-                                 skip_dropped=skip_dropped, example_inputs=example_inputs)
+                                 skip_dropped=skip_dropped, example_inputs=example_inputs, depth=depth)
     model = _maybe_copy(model, inplace)
     existing = plan.meta["drop_path"]["existing_slots"]
     fallbacks = plan.meta["drop_path"]["skip_fallbacks"]
