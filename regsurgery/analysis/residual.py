@@ -318,7 +318,8 @@ class _Costs:
             if m is not None and not isinstance(m, _WEIGHTED_TYPES) and next(m.children(), None) is not None:
                 merges = merges or self.module_merges(m)
             normed[n] = (not is_sum) and (
-                (cost.norm and bool(prior) and max(prior) >= 1) or any(normed.get(i, False) for i in data))
+                (cost.norm and (cost.weight >= 1 or (bool(prior) and max(prior) >= 1)))
+                or any(normed.get(i, False) for i in data))
             if n.op == "output":
                 self._flags[id(module)] = (net, normed[n], merges)
                 return max(depth[n], floor)
@@ -882,6 +883,32 @@ def residual_report(
         for info in infos:
             depth = depth_of.setdefault(info["block"], len(depth_of))
             sites.append(ResidualSite(scope=item.scope, index=len(sites), depth=depth, **info))
+    # Residual blocks inside a context generator beside the stream (GCViT's global-query
+    # generator) do not do the stream's work: rejected, and forceable by name.
+    side: set[str] = set()
+    for item in items:
+        if not isinstance(item, TraceFailure):
+            side |= _side_children(item)
+    if side:
+        off = _beside_stream(sites, side)
+        for site in off:
+            if any(fnmatch.fnmatchcase(f"{site.scope}:{site.add}", p) for p in patterns):
+                used.update(p for p in patterns if fnmatch.fnmatchcase(f"{site.scope}:{site.add}", p))
+                site.forced = True
+                continue
+            cand = {k: getattr(site, k) for k in site.__dataclass_fields__ if k not in ("scope", "index", "depth")}
+            rejected.append(RejectedAdd(
+                site.scope, site.add, "beside-stream",
+                "the block's output feeds other blocks only as an extra argument (a context / query "
+                "generator), not the stream that continues", site.branch_weight, cand))
+        dropped = {id(s) for s in off if not s.forced}
+        kept = [s for s in sites if id(s) not in dropped]
+        if len(kept) != len(sites):
+            renumber: dict[str, int] = {}
+            for i, s in enumerate(kept):
+                s.index = i
+                s.depth = renumber.setdefault(s.block, len(renumber))
+            sites = kept
     unused = [p for p in patterns if p not in used]
     if unused:
         near = [r.key for r in rejected if r.forceable][:5]
@@ -890,6 +917,45 @@ def residual_report(
             f"(one operand computed from the other); forceable adds: {near or 'none'}"
         )
     return SiteReport(sites=sites, skipped=skipped, blocks_traced=traced, rejected=rejected)
+
+
+def _side_children(block: BlockGraph) -> set[str]:
+    """Children of ``block`` whose output reaches the block's output only as an extra argument
+    of another module call (``q = self.global_block(x); x = blk(x, q)``): a context / query
+    generator beside the stream, not a stage of the stream that continues. The stream goes
+    through the first positional argument of module calls and every operand of other ops; a
+    child whose output reaches no output at all is not judged."""
+    nodes = list(block.graph.nodes)
+    stream: set[fx.Node] = set()
+    reaches: set[fx.Node] = set()
+    for n in reversed(nodes):
+        if n.op == "output":
+            stream.add(n)
+            reaches.add(n)
+        if n not in reaches:
+            continue
+        ins = tensor_inputs(n)
+        reaches.update(ins)
+        if n not in stream:
+            continue
+        if n.op == "call_module":
+            first = n.args[0] if n.args else None
+            firsts = [first] if isinstance(first, fx.Node) else [
+                a for a in (first if isinstance(first, (tuple, list)) else ()) if isinstance(a, fx.Node)]
+            if not n.args:  # called with keywords only: which one is the stream is unknown
+                firsts = ins
+            stream.update(firsts)
+        else:
+            stream.update(ins)
+    side = set()
+    for n in nodes:
+        if n.op == "call_module" and n in reaches and n not in stream:
+            side.add(qualified(block.scope, str(n.target)))
+    return side
+
+
+def _beside_stream(sites: list[ResidualSite], side: set[str]) -> list[ResidualSite]:
+    return [s for s in sites if any(s.scope == c or s.scope.startswith(c + ".") for c in side)]
 
 
 def stack_depths(model: nn.Module, sites: list[ResidualSite]) -> tuple[list[int], int]:
