@@ -7,7 +7,7 @@ ops <- capture <- analysis <- plan <- rewrite <- api / schedule <- io <- cli.
 from __future__ import annotations
 
 from ._version import __version__
-from .analysis.residual import ResidualSite, SiteReport, find_residual_sites, residual_report
+from .analysis.residual import RejectedAdd, ResidualSite, SiteReport, find_residual_sites, residual_report
 from .analysis.stages import ConvStage, FeatureLayout, describe_feature_layout, find_conv_stages
 from .api import (
     NoSitesError,
@@ -66,5 +66,6 @@ __all__ = [
     "plan_of",
     "plan_stochastic_depth",
     "residual_report",
+    "RejectedAdd",
     "strip",
 ]

@@ -247,16 +247,16 @@ def apply_stochastic_depth(
 # ----------------------------------------------------------------------------- DropBlock
 
 
-def _is_conv_node(node: fx.Node, block: nn.Module) -> bool:
+def _is_conv_node(node: fx.Node, block: nn.Module, conv_type: type = nn.Conv2d) -> bool:
     m = module_of(node, block)
     if m is None:
         return False
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, conv_type):
         return True
     # A conv+norm(+act) composite (timm ConvNormAct, torchvision Conv2dNormActivation).
-    return any(isinstance(c, nn.Conv2d) for c in m.modules()) and not any(
+    return any(isinstance(c, conv_type) for c in m.modules()) and not any(
         isinstance(c, (nn.Linear, nn.MultiheadAttention)) for c in m.modules()
-    ) and sum(isinstance(c, nn.Conv2d) for c in m.modules()) == 1
+    ) and sum(isinstance(c, conv_type) for c in m.modules()) == 1
 
 
 def _after_conv_anchor(node: fx.Node, block: nn.Module) -> fx.Node:
@@ -269,13 +269,14 @@ def _after_conv_anchor(node: fx.Node, block: nn.Module) -> fx.Node:
     return node
 
 
-def _branch_conv_anchors(block: nn.Module, scope: str, site: ResidualSite) -> list[str]:
+def _branch_conv_anchors(block: nn.Module, scope: str, site: ResidualSite, dims: int = 2) -> list[str]:
     example = example_from_spec(site.trace_example, block) if site.trace_example else None
     graph = trace_block(block, scope, policy=site.trace_policy, example=example).graph
     body = set(site.branch_nodes)
     anchors = []
+    conv_type = nn.Conv3d if dims == 3 else nn.Conv2d
     for node in graph.nodes:
-        if node.name in body and _is_conv_node(node, block):
+        if node.name in body and _is_conv_node(node, block, conv_type):
             anchors.append(_after_conv_anchor(node, block).name)
     return list(dict.fromkeys(anchors))
 
@@ -308,7 +309,7 @@ def plan_dropblock(
     found = find_conv_stages(model, example_inputs)
     if not found:
         raise NoSitesError(
-            f"{type(model).__name__} has no conv stages (4-D NCHW feature maps) for DropBlock"
+            f"{type(model).__name__} has no conv stages (NCHW or NCDHW feature maps) for DropBlock"
         )
     chosen = []
     for s in stages:
@@ -326,14 +327,14 @@ def plan_dropblock(
         if getattr(stage, "layout", "NCHW") not in ("NCHW", "mixed"):
             skipped_stages.append({"index": stage.index, "layout": stage.layout})
             continue
-        h, w = stage.size
-        bs = max(1, min(block_size, h, w))
-        params = {"p": rate, "block_size": bs, "per_channel": per_channel, "dims": 2}
+        dims = getattr(stage, "dims", 2)
+        bs = max(1, min(block_size, *stage.size))  # clipped to the map in every spatial dim
+        params = {"p": rate, "block_size": bs, "per_channel": per_channel, "dims": dims}
         for site in stage.sites:
             block = get_submodule(model, site.scope)
             common = dict(kind="drop_block", scope=site.scope, depth=site.depth, site=site.index)
             if "branch" in where:
-                for anchor in _branch_conv_anchors(block, site.scope, site):
+                for anchor in _branch_conv_anchors(block, site.scope, site, dims):
                     ops.append(PlannedOp(anchor=anchor, user=None, role="conv", params=dict(
                         params, trace_policy=site.trace_policy, trace_example=site.trace_example), **common))
             if "skip" in where:
@@ -362,7 +363,9 @@ def apply_dropblock(
     per_channel: bool = False,
     inplace: bool = True,
 ) -> nn.Module:
-    """Insert :class:`regsurgery.DropBlock2d` into the last conv stages of ``model``.
+    """Insert :class:`regsurgery.DropBlock2d` into the last conv stages of ``model``
+    (:class:`regsurgery.DropBlock3d` for a 3-D conv net on ``(N, C, D, H, W)`` volumes, where
+    stages are found by reduction in every spatial dim; 1-D maps are refused).
 
     The defaults follow the paper's best ResNet-50 setting: block size 7, groups 3 and 4 (the last
     two stages), after the conv layers of the residual branches and on the skip connections.

@@ -574,3 +574,43 @@ class ShapeOnlyMerge(nn.Module):
     def forward(self, inner: torch.Tensor, outer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, N, _ = outer.shape
         return inner, outer + self.proj(self.norm(inner.reshape(B, N, -1)))
+
+
+class _Mix(nn.Module):
+    """A residual block that also reads a context tensor: x + fc2(relu(fc1(norm(x)) + ctx))."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, d)
+        self.fc2 = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.relu(self.fc1(self.norm(x)) + ctx))
+
+
+class _CtxRes(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, d)
+        self.fc2 = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.relu(self.fc1(self.norm(x))))
+
+
+class ContextGenerator(nn.Module):
+    """GCViT-like: a residual block computes a context (global query) that the stacked blocks read
+    as an extra argument; the stream that continues is ``x``."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.ctx = _CtxRes(d)
+        self.blocks = nn.ModuleList([_Mix(d) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.ctx(x)
+        for blk in self.blocks:
+            x = blk(x, q)
+        return x
