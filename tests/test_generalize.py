@@ -3,6 +3,8 @@ every rejection, DropBlock on 3-D maps."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import toy_models as tm
 import torch
@@ -153,3 +155,28 @@ def test_conv_stages_and_dropblock3d_on_volumes():
 def test_one_d_maps_are_refused_clearly():
     with pytest.raises(ValueError, match=r"1-D map \(N, C, L\)"):
         apply_dropblock(tm.Net1d(), example_inputs=torch.randn(2, 1, 64))
+
+
+def test_cli_inspect_verbose_lists_rejected_adds_and_forces_one(capsys):
+    from regsurgery.cli import main
+
+    assert main(["inspect", "toy_models:ConvPosEnc", "--input-shape", "1,8,8,8", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "rejected adds: 1" in out and ":add" in out and "shallow-branch" in out
+    assert main(["inspect", "toy_models:ConvPosEnc", "--input-shape", "1,8,8,8", "--include", ":add",
+                 "--format", "json", "--verbose"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["sites"]) == 1 and doc["rejected"] == []
+    assert doc["plan"]["meta"]["drop_path"]["forced"] == [":add"]
+
+
+def test_cli_patch_depth_option(tmp_path, capsys):
+    from regsurgery.cli import main
+    from regsurgery.io.checkpoint import read_patched
+
+    out = tmp_path / "p.pt"
+    assert main(["patch", "toy_models:MBStack", "--input-shape", "1,3,32,32", "--drop-path", "0.5",
+                 "--depth", "sites", "--out", str(out)]) == 0
+    _, recipe = read_patched(str(out))
+    assert recipe["plan"]["meta"]["drop_path"]["depth"] == "sites"
+    assert [op["params"]["p"] for op in recipe["plan"]["ops"]] == pytest.approx([0.0, 0.5 / 3, 1.0 / 3, 0.5])
