@@ -490,6 +490,38 @@ def _projection_chain(
     return None
 
 
+def _upsample_on_every_path(source: fx.Node, body: list[fx.Node], costs: list[_NodeCost]) -> bool:
+    """Does every path source -> branch pass through an upsampling (an FPN / U-Net top-down
+    merge)? An upsampled gate multiplied into the branch (a spatial attention map) does not."""
+    up = {n for n, c in zip(body, costs) if c.upsample}
+    if not up:
+        return False
+    clear = {source}
+    for n in body:
+        if n not in up and any(i in clear for i in tensor_inputs(n)):
+            clear.add(n)
+    return body[-1] not in clear
+
+
+def _reads_around(source: fx.Node, branch: fx.Node, flow: _Dataflow) -> bool:
+    """Does the branch read a data ancestor of the shortcut ``source`` through a path that avoids
+    ``source``? In a residual ``s + f(s)`` the branch sees the block's data only through ``s``;
+    ``q + proj(attn(q) * k)`` with ``q, k`` two projections of ``x`` reads ``x`` around ``q``."""
+    above = {a for a in flow.data_ancestors[source]
+             if a.op != "get_attr" and not flow.shape_like[a] and flow.from_value[a]}
+    if not above:
+        return False
+    inside = flow.data_ancestors[branch]
+    around: set[fx.Node] = set(above)
+    for n in sorted(inside, key=flow.order.__getitem__):
+        if n is source or n in around or flow.shape_like[n]:
+            continue
+        if any(i in around for i in tensor_inputs(n) if not flow.shape_like[i]):
+            around.add(n)
+    return any(i in around for i in tensor_inputs(branch) if i is not source and not flow.shape_like[i]) or (
+        branch in around)
+
+
 def _merges_paths(body: list[fx.Node], source: fx.Node, flow: _Dataflow, residual_adds: set[fx.Node],
                   root: nn.Module, costs: _Costs) -> bool:
     """Does the branch merge two paths from its source by a sum or a product of activations
@@ -658,12 +690,17 @@ def _classify_add(
             branch_nodes=[n.name for n in body], shortcut_nodes=[n.name for n in chain],
             branch_weight=weight,
         )
-        if any(c.upsample for c in node_costs):
+        if _upsample_on_every_path(source, body, node_costs):
             reject("upsample", "the branch upsamples: a top-down merge of a deeper path (FPN, U-Net "
                    "decoder), not a residual", weight, cand)
             continue  # FPN-style top-down merge
         if weight < 1:
             reject("shallow-branch", "the branch has no weighted layer", weight, cand)
+            continue
+        if kind == "identity" and _reads_around(source, branch, flow):
+            reject("around-shortcut", "the branch also reads what the shortcut was computed from, "
+                   "around it (a merge inside an attention: q + f(q, k(x))), so the shortcut is not "
+                   "the stream the branch works on", weight, cand)
             continue
         if weight < 2:
             if _bypasses_layer(body, longest, shortest, residual_adds):
@@ -886,9 +923,13 @@ def residual_report(
     # Residual blocks inside a context generator beside the stream (GCViT's global-query
     # generator) do not do the stream's work: rejected, and forceable by name.
     side: set[str] = set()
-    for item in items:
-        if not isinstance(item, TraceFailure):
-            side |= _side_children(item)
+    graphs = [item for item in items if not isinstance(item, TraceFailure)]
+    by_scope: dict[str, list[ResidualSite]] = {}
+    for site in sites:
+        by_scope.setdefault(site.scope, []).append(site)
+    streams = {g.scope: _stream_params(g, by_scope.get(g.scope, [])) for g in graphs}
+    for g in graphs:
+        side |= _side_children(g, streams)
     if side:
         off = _beside_stream(sites, side)
         for site in off:
@@ -899,8 +940,8 @@ def residual_report(
             cand = {k: getattr(site, k) for k in site.__dataclass_fields__ if k not in ("scope", "index", "depth")}
             rejected.append(RejectedAdd(
                 site.scope, site.add, "beside-stream",
-                "the block's output feeds other blocks only as an extra argument (a context / query "
-                "generator), not the stream that continues", site.branch_weight, cand))
+                "the block's output feeds other blocks only as an extra argument or a gate (a context / "
+                "query / gate generator), not the stream that continues", site.branch_weight, cand))
         dropped = {id(s) for s in off if not s.forced}
         kept = [s for s in sites if id(s) not in dropped]
         if len(kept) != len(sites):
@@ -919,13 +960,57 @@ def residual_report(
     return SiteReport(sites=sites, skipped=skipped, blocks_traced=traced, rejected=rejected)
 
 
-def _side_children(block: BlockGraph) -> set[str]:
+def _stream_params(block: BlockGraph, sites: list[ResidualSite]) -> Optional[tuple[set[int], set[str]]]:
+    """Which arguments of ``block``'s forward carry its residual stream: the placeholders its
+    sites' shortcuts are computed from, as (positions, names); None when it has no site."""
+    if not sites:
+        return None
+    flow = _Dataflow(block.graph)
+    by_name = {n.name: n for n in block.graph.nodes}
+    placeholders = [n for n in block.graph.nodes if n.op == "placeholder"]
+    shortcut_of = {site.add: site.shortcut for site in sites}
+    carried: set[fx.Node] = set()
+    for site in sites:
+        node = by_name.get(site.shortcut)
+        # Back along the stream: through earlier residual adds (to their shortcut) and
+        # single-input ops (reshapes, norms, projections) to the argument it starts from.
+        for _ in range(len(by_name)):
+            if node is None or node.op == "placeholder":
+                break
+            if node.name in shortcut_of:
+                node = by_name.get(shortcut_of[node.name])
+                continue
+            data = [i for i in tensor_inputs(node) if flow.from_value[i] and not flow.shape_like[i]]
+            if len(data) != 1:
+                carried |= {a for a in flow.data_ancestors[node] if a.op == "placeholder"}
+                node = None
+                break
+            node = data[0]
+        if node is None:
+            continue
+        carried.add(node)
+    return ({i for i, p in enumerate(placeholders) if p in carried}, {str(p.target) for p in carried})
+
+
+def _arg_nodes(arg: Any) -> list[fx.Node]:
+    """The nodes in one call argument (a node, or nodes in a tuple / list)."""
+    if isinstance(arg, fx.Node):
+        return [arg]
+    if isinstance(arg, (tuple, list)):
+        return [x for a in arg for x in _arg_nodes(a)]
+    return []
+
+
+def _side_children(block: BlockGraph, streams: dict[str, Optional[tuple[set[int], set[str]]]]) -> set[str]:
     """Children of ``block`` whose output reaches the block's output only as an extra argument
-    of another module call (``q = self.global_block(x); x = blk(x, q)``): a context / query
-    generator beside the stream, not a stage of the stream that continues. The stream goes
-    through the first positional argument of module calls and every operand of other ops; a
-    child whose output reaches no output at all is not judged."""
+    of another block (``q = self.global_block(x); x = blk(x, q)`` where ``blk``'s residuals
+    carry ``x``, not ``q``) or as a gate computed from the stream (``x * attn(x)``): a context /
+    query / gate generator beside the stream, not a stage of the stream that continues. A
+    called block carries the arguments its own residual shortcuts come from (``streams``, by
+    scope); a module without residual sites carries all of them. A child whose output reaches
+    no output at all is not judged."""
     nodes = list(block.graph.nodes)
+    flow = _Dataflow(block.graph)
     stream: set[fx.Node] = set()
     reaches: set[fx.Node] = set()
     for n in reversed(nodes):
@@ -938,13 +1023,19 @@ def _side_children(block: BlockGraph) -> set[str]:
         reaches.update(ins)
         if n not in stream:
             continue
-        if n.op == "call_module":
-            first = n.args[0] if n.args else None
-            firsts = [first] if isinstance(first, fx.Node) else [
-                a for a in (first if isinstance(first, (tuple, list)) else ()) if isinstance(a, fx.Node)]
-            if not n.args:  # called with keywords only: which one is the stream is unknown
-                firsts = ins
-            stream.update(firsts)
+        carried = streams.get(qualified(block.scope, str(n.target))) if n.op == "call_module" else None
+        if carried is not None:
+            positions, names = carried
+            for i, a in enumerate(n.args):
+                if i in positions:
+                    stream.update(_arg_nodes(a))
+            for k, a in n.kwargs.items():
+                if k in names:
+                    stream.update(_arg_nodes(a))
+        elif ((n.op == "call_function" and n.target in _MUL_FUNCTIONS) or (
+                n.op == "call_method" and n.target in _MUL_METHODS)) and len(ins) >= 2:
+            # ``x * gate(x)``: the gate, computed from the other operand, scales the stream
+            stream.update(i for i in ins if not any(o in flow.data_ancestors[i] for o in ins if o is not i))
         else:
             stream.update(ins)
     side = set()
