@@ -208,10 +208,6 @@ def _computes(module: nn.Module) -> bool:
     )
 
 
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
-
-
 def _has_weighted_layer(module: nn.Module) -> bool:
     return any(isinstance(m, _WEIGHTED_TYPES) for m in module.modules())
 
@@ -325,10 +321,7 @@ class _Costs:
                 (cost.norm and (cost.weight >= 1 or (bool(prior) and max(prior) >= 1)))
                 or any(normed.get(i, False) for i in data))
             if n.op == "output":
-                # A depthwise conv + norm only mixes space within each channel: a conditional
-                # position encoding (``x + dwconv_bn(x)``), not a normalized layer of a block.
-                mixes = any(isinstance(m, _WEIGHTED_TYPES) and not _is_depthwise(m) for m in module.modules())
-                self._flags[id(module)] = (net, normed[n] and mixes, merges)
+                self._flags[id(module)] = (net, normed[n], merges)
                 return max(depth[n], floor)
         self._flags[id(module)] = (net, False, merges)
         return floor
