@@ -480,10 +480,10 @@ def describe_feature_layout(
                                        None if inferred else example_inputs)
     if pos is None and any(isinstance(a, torch.Tensor) and a.dim() == 3 and a.is_floating_point() for a in args):
         raise ValueError(
-            f"conv stages need spatial maps: an image (N, C, H, W) or a volume (N, C, D, H, W) among "
-            f"the forward arguments of {type(model).__name__}, got {describe_args(args)}; a 1-D map "
-            "(N, C, L) (audio, a signal) has no 2-D or 3-D blocks to drop, so DropBlock does not apply "
-            "(use stochastic depth, or dropout on the sequence)"
+            f"conv stages need an image input (N, C, H, W) or a volume (N, C, D, H, W) among the "
+            f"forward arguments of {type(model).__name__}, got {describe_args(args)}; "
+            f"{expected_hint(model)}. If that is a 1-D map (N, C, L) (audio, a signal): it has no 2-D "
+            "or 3-D blocks to drop, so DropBlock does not apply (use stochastic depth instead)"
         )
     if pos is None:
         raise ValueError(
