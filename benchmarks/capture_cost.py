@@ -47,8 +47,8 @@ def main() -> None:
             base_t, cost_t = [], []
             for _ in range(args.repeat):
                 fresh = copy.deepcopy(model)
-                base_t.append(_timed(lambda: torch.fx.symbolic_trace(model)))
-                cost_t.append(_timed(lambda: regsurgery.apply_stochastic_depth(fresh, rate=0.1)))
+                base_t.append(_timed(lambda m=model: torch.fx.symbolic_trace(m)))
+                cost_t.append(_timed(lambda m=fresh: regsurgery.apply_stochastic_depth(m, rate=0.1)))
             base, cost = statistics.median(base_t), statistics.median(cost_t)
         ratio = cost / base
         ratios.append(ratio)

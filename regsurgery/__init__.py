@@ -7,7 +7,13 @@ ops <- capture <- analysis <- plan <- rewrite <- api / schedule <- io <- cli.
 from __future__ import annotations
 
 from ._version import __version__
-from .analysis.residual import ResidualSite, SiteReport, find_residual_sites, residual_report
+from .analysis.residual import (
+    RejectedAdd,
+    ResidualSite,
+    SiteReport,
+    find_residual_sites,
+    residual_report,
+)
 from .analysis.stages import ConvStage, FeatureLayout, describe_feature_layout, find_conv_stages
 from .api import (
     NoSitesError,
@@ -76,5 +82,6 @@ __all__ = [
     "plan_stochastic_depth",
     "prune_layers",
     "residual_report",
+    "RejectedAdd",
     "strip",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -11,7 +12,7 @@ from typing import Any, Optional, Union
 import torch.fx as fx
 from torch import nn
 
-from .analysis.residual import ResidualSite, SiteReport, residual_report
+from .analysis.residual import ResidualSite, SiteReport, residual_report, stack_depths
 from .analysis.skip import skip_blocker
 from .analysis.stages import find_conv_stages
 from .capture.fx import get_submodule, module_of, require_module
@@ -42,6 +43,7 @@ __all__ = [
 Patterns = Union[None, str, Sequence[str]]
 DROP_PATH_MODES = ("row", "batch")
 DROPBLOCK_WHERE = ("branch", "skip")
+DEPTH_MODES = ("blocks", "sites")
 
 
 class NoSitesError(ValueError):
@@ -65,6 +67,7 @@ def plan_stochastic_depth(
     sites: Optional[list[ResidualSite]] = None,
     capture: Optional[ModelCapture] = None,
     batch_dim: Optional[int] = None,
+    depth: str = "blocks",
 ) -> Plan:
     """Plan one DropPath per residual call site, rates by depth (see :func:`apply_stochastic_depth`).
 
@@ -75,31 +78,32 @@ def plan_stochastic_depth(
     rate = check_rate("rate", rate)
     if mode not in DROP_PATH_MODES:
         raise ValueError(f"mode must be one of {DROP_PATH_MODES}, got {mode!r}")
+    if depth not in DEPTH_MODES:
+        raise ValueError(f"depth must be one of {DEPTH_MODES}, got {depth!r}")
+    site_patterns = [p for p in _pattern_list(include) if ":" in p]
     report: Optional[SiteReport] = None
     if sites is None:
-        report = residual_report(capture if capture is not None else capture_model(model, example_inputs))
+        report = residual_report(capture if capture is not None else capture_model(model, example_inputs),
+                                 force=site_patterns)
     all_sites = sites if sites is not None else report.sites if report is not None else []
     if not all_sites:
-        why = ""
-        if report is not None and report.skipped:
-            why = f" ({len(report.skipped)} modules could not be traced: " + ", ".join(
-                f"{f.scope or '<root>'}" for f in report.skipped[:5]) + ")"
-        raise NoSitesError(
-            f"no residual sites found in {type(model).__name__}{why}: stochastic depth needs residual "
-            "adds (out = x + f(x)); check find_residual_sites(model) or use another regularizer"
-        )
+        raise NoSitesError(_no_sites_message(model, report))
     site_batch_dims = _site_batch_dims(all_sites, capture, batch_dim, example_inputs)
-    num_depths = max(s.depth for s in all_sites) + 1
+    if depth == "blocks":
+        site_depths, num_depths = stack_depths(model, all_sites)
+    else:
+        site_depths = [s.depth for s in all_sites]
+        num_depths = max(site_depths) + 1
     rates = depth_rates(num_depths, rate, schedule)
     ops: list[PlannedOp] = []
     slots_seen: set[str] = set()
     selected = 0
     fallbacks: list[dict[str, str]] = []
-    for site in all_sites:
-        if not scope_selected(site.scope, include, exclude):
+    for site, site_depth in zip(all_sites, site_depths):
+        if not _site_selected(site, include, exclude):
             continue
         selected += 1
-        p = rates[site.depth]
+        p = rates[site_depth]
         skip = False
         if skip_dropped:
             reason = skip_blocker(model, site, mode, capture=capture)
@@ -113,7 +117,7 @@ def plan_stochastic_depth(
             if site.existing not in slots_seen:
                 slots_seen.add(site.existing)
                 ops.append(PlannedOp(
-                    kind="set_rate", scope=site.scope, depth=site.depth, site=site.index, role="branch",
+                    kind="set_rate", scope=site.scope, depth=site_depth, site=site.index, role="branch",
                     params=SetRateParams(module=site.existing, attr=site.existing_attr or "p", p=0.0),
                 ))
         if site.existing and not skip:
@@ -121,13 +125,13 @@ def plan_stochastic_depth(
                 continue  # one module called by two sites of the same block (Mixer): one rate
             slots_seen.add(site.existing)
             ops.append(PlannedOp(
-                kind="set_rate", scope=site.scope, depth=site.depth, site=site.index, role="branch",
+                kind="set_rate", scope=site.scope, depth=site_depth, site=site.index, role="branch",
                 params=SetRateParams(module=site.existing, attr=site.existing_attr or "p", p=p, mode=mode),
             ))
         else:
             ops.append(PlannedOp(
                 kind="drop_path", scope=site.scope, anchor=site.branch, user=site.add, role="branch",
-                depth=site.depth, site=site.index,
+                depth=site_depth, site=site.index,
                 params=DropPathParams(p=p, mode=mode, trace_policy=site.trace_policy,
                                       trace_example=site.trace_example, skip=skip,
                                       batch_dim=int(site_batch_dims.get(site.index) or 0)),
@@ -138,7 +142,8 @@ def plan_stochastic_depth(
             f"sites (scopes such as {all_sites[0].scope!r}); fix the patterns"
         )
     meta: dict[str, Any] = {
-        "drop_path": {"rate": rate, "schedule": _schedule_name(schedule), "mode": mode,
+        "drop_path": {"rate": rate, "schedule": _schedule_name(schedule), "mode": mode, "depth": depth,
+                      "num_depths": num_depths, "forced": [f"{s.scope}:{s.add}" for s in all_sites if s.forced],
                       "include": include, "exclude": exclude, "sites": selected,
                       "existing_slots": sorted(slots_seen), "skip_dropped": skip_dropped,
                       "skip_fallbacks": fallbacks},
@@ -180,6 +185,49 @@ def _site_batch_dims(
     return out
 
 
+def _pattern_list(patterns: Patterns) -> list[str]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        return [patterns]
+    items = list(patterns)
+    if not all(isinstance(p, str) for p in items):
+        raise ValueError(f"include must be a scope pattern or a list of them, got {patterns!r}")
+    return items
+
+
+def _site_selected(site: ResidualSite, include: Patterns, exclude: Patterns) -> bool:
+    """Scope patterns as :func:`scope_selected`; a pattern with a colon names one add
+    (``"scope:addnode"``, the key ``residual_report`` shows for rejected adds)."""
+    inc, exc = _pattern_list(include), _pattern_list(exclude)
+    key = f"{site.scope}:{site.add}"
+
+    def hit(patterns: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(key, p) if ":" in p else scope_selected(site.scope, p) for p in patterns)
+
+    if inc and not hit(inc):
+        return False
+    return not (exc and hit(exc))
+
+
+def _no_sites_message(model: nn.Module, report: Optional[SiteReport]) -> str:
+    why = ""
+    if report is not None and report.skipped:
+        why = f" ({len(report.skipped)} modules could not be traced: " + ", ".join(
+            f"{f.scope or '<root>'}" for f in report.skipped[:5]) + ")"
+    msg = (f"no residual sites found in {type(model).__name__}{why}: stochastic depth needs residual "
+           "adds (out = x + f(x))")
+    closest = report.closest() if report is not None else []
+    if closest:
+        msg += "; closest candidates and why they were rejected:\n" + "\n".join(
+            f"  {r.key} [{r.rule}] {r.reason}" + (" (forceable: include=" + repr(r.key) + ")" if r.forceable else "")
+            for r in closest)
+        msg += "\nforce one in with include='scope:addnode', or use another regularizer"
+    else:
+        msg += "; the model has no add of two data values; check residual_report(model) or use another regularizer"
+    return msg
+
+
 def _maybe_copy(model: nn.Module, inplace: bool) -> nn.Module:
     return require_module(model) if inplace else copy.deepcopy(require_module(model))
 
@@ -196,6 +244,7 @@ def apply_stochastic_depth(
     skip_dropped: bool = False,
     example_inputs: Optional[Any] = None,
     batch_dim: Optional[int] = None,
+    depth: str = "blocks",
 ) -> nn.Module:
     """Give ``model`` stochastic depth (Huang et al., ECCV 2016): ``out = s + m * f(x) / (1-p)``.
 
@@ -204,7 +253,16 @@ def apply_stochastic_depth(
     of ``D`` the rate ``rate * d / (D - 1)`` (the deepest gets ``rate``, as timm does);
     ``"uniform"`` gives every block ``rate``; a callable ``(depth, num_depths, rate) -> p`` any
     other rule. Both residuals of one block share a depth. ``include`` / ``exclude`` filter
-    sites by scope pattern (``"layer3.*"``).
+    sites by scope pattern (``"layer3.*"``); a pattern with a colon names one add
+    (``"blocks.3:add_1"``) and also forces in an add the rules rejected (see
+    :func:`regsurgery.residual_report`, ``rejected``); the plan's meta lists forced sites.
+
+    ``depth="blocks"`` (the default) counts depths in stacked blocks the way timm and torchvision
+    do: every block of a stack takes a depth, residual or not (an EfficientNet's stride-2 blocks
+    too), so ``D`` is the number of blocks (:func:`regsurgery.analysis.residual.stack_depths`).
+    On stacks whose blocks are all residual (ResNet, ViT, ConvNeXt, Swin) it equals
+    ``depth="sites"``, which counts only blocks that hold a residual site. Loops in one forward
+    (``for blk in self.blocks: x = x + blk(x)``) give each block its own depth in both modes.
 
     Mutation: with ``inplace=True`` (the default) ``model`` itself is patched and returned — its
     class, methods, attributes and ``state_dict`` keys are unchanged; with ``inplace=False`` a deep
@@ -231,7 +289,7 @@ def apply_stochastic_depth(
     capture = capture_model(model, example_inputs)  # once: analysis, planning and rewrite share it
     plan = plan_stochastic_depth(model, rate, schedule, mode, include, exclude,
                                  skip_dropped=skip_dropped, example_inputs=example_inputs,
-                                 capture=capture, batch_dim=batch_dim)
+                                 capture=capture, batch_dim=batch_dim, depth=depth)
     existing = plan.meta["drop_path"]["existing_slots"]
     fallbacks = plan.meta["drop_path"]["skip_fallbacks"]
     if fallbacks:
@@ -274,16 +332,16 @@ def _apply_checked(model: nn.Module, plan: Plan, capture: ModelCapture, example_
 # ----------------------------------------------------------------------------- DropBlock
 
 
-def _is_conv_node(node: fx.Node, block: nn.Module) -> bool:
+def _is_conv_node(node: fx.Node, block: nn.Module, conv_type: type = nn.Conv2d) -> bool:
     m = module_of(node, block)
     if m is None:
         return False
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, conv_type):
         return True
     # A conv+norm(+act) composite (timm ConvNormAct, torchvision Conv2dNormActivation).
-    return any(isinstance(c, nn.Conv2d) for c in m.modules()) and not any(
+    return any(isinstance(c, conv_type) for c in m.modules()) and not any(
         isinstance(c, (nn.Linear, nn.MultiheadAttention)) for c in m.modules()
-    ) and sum(isinstance(c, nn.Conv2d) for c in m.modules()) == 1
+    ) and sum(isinstance(c, conv_type) for c in m.modules()) == 1
 
 
 def _after_conv_anchor(node: fx.Node, block: nn.Module) -> fx.Node:
@@ -296,12 +354,12 @@ def _after_conv_anchor(node: fx.Node, block: nn.Module) -> fx.Node:
     return node
 
 
-def _branch_conv_anchors(block: nn.Module, capture: ModelCapture, site: ResidualSite) -> list[str]:
+def _branch_conv_anchors(block: nn.Module, capture: ModelCapture, site: ResidualSite, dims: int = 2) -> list[str]:
     graph = capture.block(site.scope, site.trace_policy).graph
     body = set(site.branch_nodes)
     anchors = []
     for node in graph.nodes:
-        if node.name in body and _is_conv_node(node, block):
+        if node.name in body and _is_conv_node(node, block, nn.Conv3d if dims == 3 else nn.Conv2d):
             anchors.append(_after_conv_anchor(node, block).name)
     return list(dict.fromkeys(anchors))
 
@@ -337,7 +395,7 @@ def plan_dropblock(
     found = find_conv_stages(model, example_inputs, sites=residual_report(capture).sites)
     if not found:
         raise NoSitesError(
-            f"{type(model).__name__} has no conv stages (4-D NCHW feature maps) for DropBlock"
+            f"{type(model).__name__} has no conv stages (NCHW or NCDHW feature maps) for DropBlock"
         )
     chosen = []
     for s in stages:
@@ -355,15 +413,15 @@ def plan_dropblock(
         if getattr(stage, "layout", "NCHW") not in ("NCHW", "mixed"):
             skipped_stages.append({"index": stage.index, "layout": stage.layout})
             continue
-        h, w = stage.size
-        bs = max(1, min(block_size, h, w))
+        dims = getattr(stage, "dims", 2)
+        bs = max(1, min(block_size, *stage.size))  # clipped to the map in every spatial dim
         for site in stage.sites:
             block = get_submodule(model, site.scope)
-            params = DropBlockParams(p=rate, block_size=bs, per_channel=per_channel, dims=2,
+            params = DropBlockParams(p=rate, block_size=bs, per_channel=per_channel, dims=dims,
                                      trace_policy=site.trace_policy, trace_example=site.trace_example)
             places: list[tuple[str, Optional[str], str]] = []
             if "branch" in where:
-                places += [(anchor, None, "conv") for anchor in _branch_conv_anchors(block, capture, site)]
+                places += [(anchor, None, "conv") for anchor in _branch_conv_anchors(block, capture, site, dims)]
             if "skip" in where:
                 places.append((site.shortcut, site.add, "skip"))
             for anchor, user, role in places:
@@ -393,7 +451,9 @@ def apply_dropblock(
     per_channel: bool = False,
     inplace: bool = True,
 ) -> nn.Module:
-    """Insert :class:`regsurgery.DropBlock2d` into the last conv stages of ``model``.
+    """Insert :class:`regsurgery.DropBlock2d` into the last conv stages of ``model``
+    (:class:`regsurgery.DropBlock3d` for a 3-D conv net on ``(N, C, D, H, W)`` volumes, where
+    stages are found by reduction in every spatial dim; 1-D maps are refused).
 
     The defaults follow the paper's best ResNet-50 setting: block size 7, groups 3 and 4 (the last
     two stages), after the conv layers of the residual branches and on the skip connections.

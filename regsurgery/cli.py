@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .analysis.residual import find_residual_sites
+from .analysis.residual import residual_report
 from .analysis.stages import find_conv_stages
 from .api import NoSitesError, plan_dropblock, plan_stochastic_depth
 from .api_dropout import DROPOUT_WHERE, plan_dropout
@@ -198,10 +198,14 @@ def _plan_args(p: argparse.ArgumentParser, drop_path_default: Optional[float]) -
                         + (f" (default {drop_path_default})" if drop_path_default else ""))
     g.add_argument("--schedule", choices=("linear", "uniform"), default="linear",
                    help="rate by depth: linear 0 -> RATE (Huang et al. 2016) or uniform RATE (default linear)")
+    g.add_argument("--depth", choices=("blocks", "sites"), default="blocks",
+                   help="what a depth counts: every stacked block, residual or not, as timm and "
+                        "torchvision do (blocks, default), or only blocks with a residual site (sites)")
     g.add_argument("--mode", choices=("row", "batch"), default="row",
                    help="one drop decision per sample (row) or per mini-batch (batch)")
     g.add_argument("--include", action="append", metavar="PATTERN",
-                   help="only residual blocks whose scope matches (shell pattern, repeatable)")
+                   help="only residual blocks whose scope matches (shell pattern, repeatable); "
+                        "SCOPE:ADD names one add and forces in one the rules rejected (see inspect --verbose)")
     g.add_argument("--exclude", action="append", metavar="PATTERN", help="skip matching blocks (repeatable)")
     g = p.add_argument_group("DropBlock")
     g.add_argument("--drop-block", type=_rate, default=0.0, metavar="RATE", help="drop rate; 0 (default) turns it off")
@@ -234,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p, patched_ok=True)
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format (default table)")
     p.add_argument("--plot", metavar="FILE", help="write the planned rate per site over depth (.png, .svg or .pdf)")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="also list every add that was considered and rejected, with the rule and reason")
     _plan_args(p, drop_path_default=0.1)
     p.set_defaults(func=cmd_inspect)
 
@@ -371,7 +377,8 @@ def _make_plan(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, site
     if args.drop_path:
         parts.append(lambda: _call_accepting(
             plan_stochastic_depth, model, args.drop_path, schedule=args.schedule, mode=args.mode,
-            include=args.include, exclude=args.exclude, optional={"sites": sites},
+            include=args.include, exclude=args.exclude,
+            optional={"sites": None if _forces(args.include) else sites, "depth": getattr(args, "depth", "blocks")},
         ))
     if args.drop_block:
         parts.append(lambda: _call_accepting(
@@ -392,6 +399,11 @@ def _make_plan(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, site
             continue
         plan = part if plan is None else plan + part
     return plan
+
+
+def _forces(include: Optional[list[str]]) -> bool:
+    """Does an --include pattern name one add (SCOPE:ADD)? Then sites are found again with it."""
+    return any(":" in p for p in include or [])
 
 
 # --------------------------------------------------------------------------- inspect
@@ -506,7 +518,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         r = _resolve(args, apply_stored_plan=False)
         x = _example(r.input_shape)
         bar.step("finding residual sites")
-        sites = find_residual_sites(r.model, x)
+        report = residual_report(r.model, x, force=[p for p in args.include or [] if ":" in p])
+        sites = report.sites
         bar.step("finding conv stages")
         stages = _call_accepting(find_conv_stages, r.model, x, optional={"sites": sites})
         bar.step("planning")
@@ -524,6 +537,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             "input_shape": list(r.input_shape), "sites": rows, "stages": stage_rows,
             "plan": plan.to_dict() if plan is not None else None, "notes": notes,
         }
+        if args.verbose:
+            doc["rejected"] = [x.to_dict() for x in report.rejected]
         print(json.dumps(doc, indent=2))
     else:
         print(title)
@@ -544,6 +559,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   ", ".join(s["sites"]) if len(s["sites"]) <= 4
                   else f"{s['sites'][0]} .. {s['sites'][-1]} ({len(s['sites'])})"] for s in stage_rows],
             ))
+        if args.verbose:
+            print(f"rejected adds: {len(report.rejected)} (force one in with --include SCOPE:ADD)")
+            if report.rejected:
+                print(_table(
+                    ["add", "rule", "layers", "reason"],
+                    [[x.key, x.rule + ("" if x.forceable else " (not forceable)"), f"{x.branch_weight:g}", x.reason]
+                     for x in report.rejected],
+                ))
+        forced = [s for s in sites if getattr(s, "forced", False)]
+        if forced:
+            print("forced sites: " + ", ".join(f"{s.scope}:{s.add}" for s in forced))
         for note in notes:
             print(f"note: {note}")
         if args.plot:

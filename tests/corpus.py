@@ -61,6 +61,8 @@ __all__ = [
     "CorpusEntry",
     "CORPUS",
     "HOLDOUT",
+    "NEW_FAMILIES",
+    "TUNED_FAMILIES",
     "EXCLUDED",
     "Placement",
     "FilledDropPath",
@@ -509,6 +511,42 @@ HOLDOUT: list[CorpusEntry] = [
     _timm("gmixer_12_224", "mlp", 224),
 ]
 
+def _torchvision_swin3d_t(**kwargs: Any) -> nn.Module:
+    # swin3d_t's builder passes its own stochastic_depth_prob: build the class with its config
+    # (torchvision 0.29 video/swin_transformer.py).
+    from torchvision.models.video import swin_transformer as tv_swin3d
+
+    return tv_swin3d.SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=96, depths=[2, 2, 6, 2],
+                                       num_heads=[3, 6, 12, 24], window_size=[8, 7, 7], **kwargs)
+
+#: Families that neither :data:`CORPUS` nor :data:`HOLDOUT` held before issue 17: a family-level
+#: held-out split (one or two models of each architecture family, never used to tune rules).
+#: ``family`` names the architecture family; none equals a family of :data:`CORPUS`.
+NEW_FAMILIES: list[CorpusEntry] = [
+    _timm("volo_d1_224", "volo", 224),
+    _timm("tresnet_m", "tresnet", 64),
+    _timm("swiftformer_xs", "swiftformer", 224),
+    _timm("efficientvim_m1", "efficientvim", 224),
+    _timm("iformer_t", "iformer", 224),
+    _timm("csatv2", "csatv2", 224),
+    _timm("cspnext_tiny", "cspnext", 64),
+    _timm("cpubone_b0_bfrobust", "cpubone", 64),
+    _timm("samvit_base_patch16_224", "samvit", 224),
+    _timm("sam2_hiera_tiny", "hieradet", 224),
+    _timm("naflexvit_base_patch16_gap", "naflexvit", 224),
+    _timm("mobilevitv2_050", "mobilevitv2", 256),
+    _timm("swinv2_tiny_window8_256", "swinv2", 256),
+    _timm("maxxvitv2_nano_rw_256", "maxxvit", 256),
+    _timm("fastvit_mci0", "mobileclip", 256),
+    _tv("efficientnet_v2_s", "efficientnetv2", 64),
+    CorpusEntry("torchvision", "swin3d_t", "swin3d", on={"stochastic_depth_prob": 0.2},
+                off={"stochastic_depth_prob": 0.0}, input_size=(3, 8, 64, 64),
+                ctor="corpus:_torchvision_swin3d_t", note="video: (N, C, T, H, W) input"),
+]
+
+#: The family-level split: families tuned on (every family of :data:`CORPUS`) and held out.
+TUNED_FAMILIES: frozenset[str] = frozenset(e.family for e in CORPUS)
+
 #: Architectures considered and left out, with the reason.
 EXCLUDED: dict[str, str] = {
     "timm:ghostnetv2_100": "no drop_path_rate argument (GhostNet has no stochastic depth)",
@@ -525,17 +563,38 @@ EXCLUDED: dict[str, str] = {
 
 def get_entry(key_or_name: str) -> CorpusEntry:
     """The corpus entry named ``timm:NAME`` / ``torchvision:NAME`` or a bare ``NAME`` (timm first)."""
-    for entry in (*CORPUS, *HOLDOUT):
+    for entry in (*CORPUS, *HOLDOUT, *NEW_FAMILIES):
         if key_or_name in (entry.key, entry.name):
             return entry
     raise KeyError(
         f"{key_or_name!r} is not in the residual corpus; names are "
-        + ", ".join(e.key for e in (*CORPUS, *HOLDOUT))
+        + ", ".join(e.key for e in (*CORPUS, *HOLDOUT, *NEW_FAMILIES))
     )
 
 
-def entries(names: Optional[Sequence[str]] = None, holdout: bool = False) -> list[CorpusEntry]:
-    """All corpus (or held-out) entries, or the ones named (``timm:NAME``, ``torchvision:NAME``, ``NAME``)."""
+def entries(names: Optional[Sequence[str]] = None, holdout: bool = False, split: str = "") -> list[CorpusEntry]:
+    """All corpus (or held-out) entries, or the ones named (``timm:NAME``, ``torchvision:NAME``, ``NAME``).
+
+    ``split``: ``"tuned"`` (:data:`CORPUS`), ``"heldout"`` (:data:`HOLDOUT` and
+    :data:`NEW_FAMILIES`), ``"all"`` (both); it overrides ``holdout``.
+    """
     if names:
         return [get_entry(n) for n in names]
+    if split == "tuned":
+        return list(CORPUS)
+    if split == "heldout":
+        return [*HOLDOUT, *NEW_FAMILIES]
+    if split == "all":
+        return [*CORPUS, *HOLDOUT, *NEW_FAMILIES]
     return list(HOLDOUT if holdout else CORPUS)
+
+
+def split_of(entry: CorpusEntry) -> str:
+    """``"tuned"`` for :data:`CORPUS` entries, ``"heldout"`` for the rest; ``family_heldout`` tells
+    whether the family itself was never tuned on (see :func:`family_heldout`)."""
+    return "tuned" if any(entry.key == e.key for e in CORPUS) else "heldout"
+
+
+def family_heldout(entry: CorpusEntry) -> bool:
+    """Is ``entry``'s family absent from the tuned families?"""
+    return entry.family not in TUNED_FAMILIES

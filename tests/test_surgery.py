@@ -49,7 +49,7 @@ def test_patched_model_keeps_identity_and_eval_output():
 def test_one_droppath_per_site_with_linear_rates():
     model = make_net()
     sites = find_residual_sites(model)
-    apply_stochastic_depth(model, rate=0.35)
+    apply_stochastic_depth(model, rate=0.35, depth="sites")
     inserted = inserted_modules(model)
     assert len(inserted) == len(sites) == 9  # the data-dependent block is traced specialized
     assert all(isinstance(m, DropPath) for m in inserted.values())
@@ -113,7 +113,7 @@ def test_batch_mode_and_filters():
 
 def test_callable_schedule():
     model = make_net()
-    apply_stochastic_depth(model, rate=0.5, schedule=lambda d, n, r: r if d % 2 else 0.0)
+    apply_stochastic_depth(model, rate=0.5, schedule=lambda d, n, r: r if d % 2 else 0.0, depth="sites")
     rates = sorted(m.p for m in inserted_modules(model).values())
     assert rates == [0.0] * 5 + [0.5] * 4
 
@@ -170,7 +170,8 @@ def test_composes_with_deepcopy_and_double_apply():
     apply_stochastic_depth(model, rate=0.2)
     apply_stochastic_depth(model, rate=0.4)  # re-applying replaces, never doubles
     assert len(inserted_modules(model)) == 9
-    assert max(m.p for m in inserted_modules(model).values()) == pytest.approx(0.4)
+    # the last of the 9 stacked blocks (stage3.2) has no site: the deepest site is block 7 of 0..8
+    assert max(m.p for m in inserted_modules(model).values()) == pytest.approx(0.4 * 7 / 8)
     clone = copy.deepcopy(model)
     assert len(inserted_modules(clone)) == 9
     clone.train()
@@ -222,7 +223,8 @@ def test_torchvision_stochastic_depth_slots():
         apply_stochastic_depth(model, rate=0.5, mode="batch")
     slots = [model.get_submodule(s.existing) for s in find_residual_sites(model)]
     assert len(slots) == 9 and inserted_modules(model) == {}
-    assert max(m.p for m in slots) == pytest.approx(0.5)
+    # depth="blocks": 16 stacked MBConv blocks, the deepest residual one is block 14 of 0..15
+    assert max(m.p for m in slots) == pytest.approx(0.5 * 14 / 15)
     assert {m.mode for m in slots} == {"batch"}
     strip(model)
     assert {m.mode for m in slots} == {"row"}
@@ -298,3 +300,16 @@ def test_masking_rewrite_adds_in_place_and_matches_a_manual_drop_path():
     assert torch.equal(xa.grad, xb.grad)
     for (name, pa), pb in zip(patched.named_parameters(), block.parameters()):
         assert torch.equal(pa.grad, pb.grad), name
+
+
+def test_depth_blocks_counts_every_stacked_block():
+    # depth="blocks" (the default): the 9 blocks of the three stages take a depth each, residual
+    # or not (stage3.2 is a RepVGG-style block without a site); a nested residual (stage2.2.inner)
+    # shares the depth of the block it is in.
+    model = make_net()
+    apply_stochastic_depth(model, rate=0.4)
+    by_scope = {name.rsplit(".regsurgery.", 1)[0]: m.p for name, m in inserted_modules(model).items()}
+    order = ["stage1.0", "stage1.1", "stage1.2", "stage2.0", "stage2.1", "stage2.2", "stage3.0", "stage3.1"]
+    expected = {s: 0.4 * i / 8 for i, s in enumerate(order)}
+    expected["stage2.2.inner"] = expected["stage2.2"]
+    assert by_scope == pytest.approx(expected)

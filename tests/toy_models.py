@@ -389,16 +389,177 @@ class SplitChunks(nn.Module):
 
 
 class KxKShortcut(nn.Module):
-    """Decoy: attention-like branch + a 3x3 stride-2 conv of the input (EfficientFormerV2's
-    downsampler): a k x k conv is a layer of its own, not a cheap projection."""
+    """Decoy: attention-like branch (a product of two activations) + a 3x3 stride-2 conv of the
+    input (EfficientFormerV2's downsampler): two computations merged, not a residual unit."""
 
     def __init__(self, c: int = 8) -> None:
         super().__init__()
-        self.branch = nn.Sequential(conv_bn(c, 2 * c, 3, 2), nn.ReLU(), conv_bn(2 * c, 2 * c, 1))
+        self.q = conv_bn(c, 2 * c, 3, 2)
+        self.v = conv_bn(c, 2 * c, 3, 2)
+        self.proj = conv_bn(2 * c, 2 * c, 1)
         self.conv = conv_bn(c, 2 * c, 3, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.branch(x) + self.conv(x)
+        q, v = self.q(x), self.v(x)
+        qf, vf = q.flatten(2), v.flatten(2)
+        attn = (qf.transpose(1, 2) @ qf).softmax(-1)
+        y = (vf @ attn).reshape(q.shape)
+        return self.proj(F.relu(y)) + self.conv(x)
+
+
+class StridedConvShortcut(nn.Module):
+    """A residual unit whose shortcut is a strided 3x3 conv + BN (not only 1x1 / pooling)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(conv_bn(c, 2 * c, 3, 2), nn.ReLU(), conv_bn(2 * c, 2 * c, 3))
+        self.shortcut = conv_bn(c, 2 * c, 3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.branch(x) + self.shortcut(x))
+
+
+class ConvNormAct(nn.Sequential):
+    """conv, norm and activation in one ``nn.Sequential`` subclass."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+
+
+class OneConvBranch(nn.Module):
+    """out = x + block(x), block = Sequential(Conv2d, BatchNorm2d, ReLU): a one-conv residual."""
+
+    def __init__(self, c: int = 8, subclass: bool = False) -> None:
+        super().__init__()
+        self.block = ConvNormAct(c) if subclass else nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class LoopBlocks(nn.Module):
+    """Residual adds performed in one forward loop: ``for blk in self.blocks: x = x + blk(x)``."""
+
+    def __init__(self, c: int = 8, n: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(conv_bn(c, c), nn.ReLU(), conv_bn(c, c)) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for blk in self.blocks:
+            x = x + blk(x)
+        return x
+
+
+class MBStack(nn.Module):
+    """An EfficientNet-like stack: blocks with and without a residual (stride / width changes)."""
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.res = cin == cout and stride == 1
+            self.body = nn.Sequential(conv_bn(cin, cout, 3, stride), nn.ReLU(), conv_bn(cout, cout, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.body(x)
+            return y + x if self.res else y
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 8, 3, 2)
+        cfg = [(8, 8, 1), (8, 16, 2), (16, 16, 1), (16, 16, 1), (16, 32, 2), (32, 32, 1)]
+        self.features = nn.Sequential(*(MBStack.Block(*c) for c in cfg))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.stem(x))
+
+
+class _Up(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2)
+        self.conv = conv_bn(cin, cout, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv(self.up(x)))
+
+
+class UNetAddDecoder(nn.Module):
+    """A U-Net that *adds* the upsampled deeper path to the encoder skip (``x = up(x) + skip``),
+    the upsampling inside a wrapper module: a merge, not a residual site."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.downs = nn.ModuleList([nn.Sequential(conv_bn(c, c, 3, 2), nn.ReLU(), conv_bn(c, c)) for _ in range(2)])
+        self.ups = nn.ModuleList([_Up(c, c) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        skips = []
+        for d in self.downs:
+            skips.append(x)
+            x = d(x)
+        for i, u in enumerate(self.ups):
+            x = u(x) + skips[-1 - i]
+        return x
+
+
+class Res3d(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm3d(cout)
+        self.conv2 = nn.Conv3d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm3d(cout)
+        self.proj = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv3d(cin, cout, 1, stride, bias=False), nn.BatchNorm3d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x if self.proj is None else self.proj(x)
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + s)
+
+
+class Net3d(nn.Module):
+    """A 3-D conv net on (N, C, D, H, W) volumes (video / medical)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(1, c, 3, 1, 1, bias=False), nn.BatchNorm3d(c), nn.ReLU())
+        self.layer1 = nn.Sequential(Res3d(c, c, 1), Res3d(c, c, 1))
+        self.layer2 = nn.Sequential(Res3d(c, 2 * c, 2), Res3d(2 * c, 2 * c, 1))
+        self.layer3 = nn.Sequential(Res3d(2 * c, 4 * c, 2), Res3d(4 * c, 4 * c, 1))
+        self.head = nn.Linear(4 * c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer3(self.layer2(self.layer1(self.stem(x)))).mean((2, 3, 4)))
+
+
+class Res1d(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(c, c, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(c)
+        self.conv2 = nn.Conv1d(c, c, 3, padding=1)
+        self.bn2 = nn.BatchNorm1d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class Net1d(nn.Module):
+    """A 1-D conv net on (N, C, L) audio."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(1, c, 5, 2, 2)
+        self.blocks = nn.Sequential(Res1d(c), Res1d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
 
 
 class ShapeOnlyMerge(nn.Module):
@@ -413,3 +574,43 @@ class ShapeOnlyMerge(nn.Module):
     def forward(self, inner: torch.Tensor, outer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, N, _ = outer.shape
         return inner, outer + self.proj(self.norm(inner.reshape(B, N, -1)))
+
+
+class _Mix(nn.Module):
+    """A residual block that also reads a context tensor: x + fc2(relu(fc1(norm(x)) + ctx))."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, d)
+        self.fc2 = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.relu(self.fc1(self.norm(x)) + ctx))
+
+
+class _CtxRes(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, d)
+        self.fc2 = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.relu(self.fc1(self.norm(x))))
+
+
+class ContextGenerator(nn.Module):
+    """GCViT-like: a residual block computes a context (global query) that the stacked blocks read
+    as an extra argument; the stream that continues is ``x``."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.ctx = _CtxRes(d)
+        self.blocks = nn.ModuleList([_Mix(d) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.ctx(x)
+        for blk in self.blocks:
+            x = blk(x, q)
+        return x

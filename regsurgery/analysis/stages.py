@@ -107,6 +107,7 @@ class FeatureMap:
     prefix: Optional[int] = None
     note: str = ""
     interior_of: Optional[str] = None
+    reductions: Optional[tuple[int, ...]] = None  # per spatial dim, for 3-D maps (N, C, D, H, W)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -144,10 +145,14 @@ class ConvStage:
     sites: list[ResidualSite] = field(default_factory=list)
     channels_last: list[str] = field(default_factory=list)
     widths: tuple[int, ...] = ()
+    dims: int = 2  # spatial dims of the maps: 2 (N, C, H, W) or 3 (N, C, D, H, W)
+    reductions: tuple[int, ...] = ()  # per spatial dim (3-D maps: depth, height, width)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "index": self.index,
+            "dims": self.dims,
+            "reductions": list(self.reductions),
             "reduction": self.reduction,
             "channels": self.channels,
             "size": list(self.size),
@@ -216,7 +221,8 @@ class FeatureLayout:
         lines = [f"input {tuple(self.input_shape)}"]
         for s in self.stages:
             lines.append(
-                f"stage {s.index}: reduction {s.reduction}, {s.channels} ch, {s.size[0]}x{s.size[1]}, "
+                f"stage {s.index}: reduction {'x'.join(map(str, s.reductions)) if s.dims == 3 else s.reduction}, "
+                f"{s.channels} ch, {'x'.join(map(str, s.size))}, "
                 f"{s.layout}, {len(s.scopes)} modules, {len(s.sites)} residual sites"
             )
         if not self.stages:
@@ -375,6 +381,73 @@ def _image_arg(args: tuple[Any, ...]) -> Optional[int]:
     return None
 
 
+def _volume_arg(args: tuple[Any, ...]) -> Optional[int]:
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.dim() == 5 and a.is_floating_point():
+            return i
+    return None
+
+
+def _dim_reduction(d: int, D: int) -> Optional[int]:
+    """The integer reduction r with d = D / r (floor or ceil) along one dim; else None."""
+    if d < 1 or d > D:
+        return None
+    if D % d == 0:
+        return D // d
+    r = 1
+    while r <= D:
+        if d in (D // r, _cdiv(D, r)):
+            return r
+        r *= 2
+    return None
+
+
+def _classify_3d(call: ModuleCall, batch: int, vol: tuple[int, int, int]) -> Optional[FeatureMap]:
+    """A 5-D output of a volume input (N, C, D, H, W): a 3-D map when every spatial dim is the
+    input's divided by an integer (channels first; channels-last when only dims 1-3 fit)."""
+    shape = call.output_shape
+    if shape is None or len(shape) != 5:
+        return None
+    fm = FeatureMap(call.name, call.type_name, call.call_index, shape, kind="other")
+    if shape[0] != batch:
+        fm.note = f"batch dim {shape[0]} is not the input's {batch} (windows or heads)"
+        return fm
+    first = [_dim_reduction(d, D) for d, D in zip(shape[2:], vol)]
+    last = [_dim_reduction(d, D) for d, D in zip(shape[1:4], vol)]
+    if all(r is not None for r in first):
+        layout, rs, size, ch = "NCHW", tuple(first), tuple(shape[2:]), shape[1]
+    elif all(r is not None for r in last):
+        layout, rs, size, ch = "NHWC", tuple(last), tuple(shape[1:4]), shape[4]
+    else:
+        fm.note = "no integer reduction of the input volume"
+        return fm
+    if all(d == 1 for d in size) and any(D > 1 for D in vol):
+        fm.kind, fm.note = "fixed", "1x1x1 map taken as pooled"
+        return fm
+    fm.kind, fm.layout, fm.reductions, fm.reduction = "map", layout, rs, max(rs)  # type: ignore[assignment]
+    fm.size, fm.channels = size, int(ch)  # type: ignore[assignment]
+    return fm
+
+
+def _describe_volume_layout(model: nn.Module, args: tuple[Any, ...], pos: int, sites: Optional[Iterable[Any]],
+                            example_inputs: Any) -> FeatureLayout:
+    """Conv stages of a 3-D conv net: maps grouped by their reduction in every spatial dim."""
+    vol = args[pos]
+    batch, in_dhw = int(vol.shape[0]), tuple(int(d) for d in vol.shape[2:])
+    calls = record_module_shapes(model, args)
+    maps = [fm for fm in (_classify_3d(c, batch, in_dhw) for c in calls) if fm is not None]  # type: ignore[arg-type]
+    stages = _group(maps)
+    for st in stages:
+        st.dims = 3
+    sites_list = _find_sites(model, example_inputs) if sites is None else list(sites)
+    outside = _assign_sites(stages, maps, sites_list)
+    return FeatureLayout(
+        input_shape=tuple(int(s) for s in vol.shape), stages=stages, maps=maps, two_sizes=False,
+        notes=["3-D maps (N, C, D, H, W): layouts decided from one shape per output"],
+        sites_outside=outside,
+    )
+
+
 # ----------------------------------------------------------------------------- stages
 
 
@@ -402,6 +475,16 @@ def describe_feature_layout(
     inferred = example_inputs is None
     args = (infer_example_input(model),) if inferred else as_args(example_inputs)
     pos = _image_arg(args)
+    if pos is None and _volume_arg(args) is not None:
+        return _describe_volume_layout(model, args, _volume_arg(args), sites,  # type: ignore[arg-type]
+                                       None if inferred else example_inputs)
+    if pos is None and any(isinstance(a, torch.Tensor) and a.dim() == 3 and a.is_floating_point() for a in args):
+        raise ValueError(
+            f"conv stages need an image input (N, C, H, W) or a volume (N, C, D, H, W) among the "
+            f"forward arguments of {type(model).__name__}, got {describe_args(args)}; "
+            f"{expected_hint(model)}. If that is a 1-D map (N, C, L) (audio, a signal): it has no 2-D "
+            "or 3-D blocks to drop, so DropBlock does not apply (use stochastic depth instead)"
+        )
     if pos is None:
         raise ValueError(
             f"conv stages need an image input (N, C, H, W) among the forward arguments of "
@@ -508,16 +591,18 @@ def _classify_calls(
 
 
 def _group(maps: list[FeatureMap]) -> list[ConvStage]:
-    by_r: dict[int, list[FeatureMap]] = {}
+    by_r: dict[tuple[int, ...], list[FeatureMap]] = {}
     for m in maps:
         if m.kind == "map" and m.name != "":  # the root is the whole model, not a stage module
             assert m.reduction is not None
-            by_r.setdefault(m.reduction, []).append(m)
+            by_r.setdefault(_stage_key(m), []).append(m)
     stages = []
     # By reduction, which is execution order on an encoder; a deep map produced early (PVT's
     # spatial-reduction attention: a stride-8 conv on the stride-4 stage) does not reorder stages.
-    for index, r in enumerate(sorted(by_r), start=1):
-        ms = by_r[r]
+    # 3-D maps: by their reduction in every spatial dim (ordered by the total reduction).
+    for index, key in enumerate(sorted(by_r, key=lambda k: (math.prod(k), k)), start=1):
+        r = max(key)
+        ms = by_r[key]
         # The stage's output: its last map not computed inside the next downsampling block.
         exterior = [m for m in ms if m.interior_of is None]
         last = (exterior or ms)[-1]
@@ -534,9 +619,15 @@ def _group(maps: list[FeatureMap]) -> list[ConvStage]:
                 scopes=list(dict.fromkeys(m.name for m in ms)),
                 channels_last=list(dict.fromkeys(m.name for m in ms if m.layout == "NHWC")),
                 widths=tuple(dict.fromkeys(int(m.channels) for m in ms if m.channels is not None)),
+                dims=len(last.size),
+                reductions=key if len(key) > 1 else (r, r),
             )
         )
     return stages
+
+
+def _stage_key(m: FeatureMap) -> tuple[int, ...]:
+    return tuple(m.reductions) if m.reductions else (int(m.reduction),)  # type: ignore[arg-type]
 
 
 def _assign_sites(stages: list[ConvStage], maps: list[FeatureMap], sites: list[Any]) -> list[Any]:
@@ -544,11 +635,11 @@ def _assign_sites(stages: list[ConvStage], maps: list[FeatureMap], sites: list[A
     first: dict[str, FeatureMap] = {}
     for m in maps:
         first.setdefault(m.name, m)
-    stage_of = {s.reduction: s for s in stages}
+    stage_of = {(s.reductions if s.dims == 3 else (s.reduction,)): s for s in stages}
     outside = []
     for site in sites:
         fm = first.get(getattr(site, "scope", None))
-        stage = stage_of.get(fm.reduction) if fm is not None and fm.kind == "map" else None  # type: ignore[arg-type]
+        stage = stage_of.get(_stage_key(fm)) if fm is not None and fm.kind == "map" else None
         if stage is None:
             outside.append(site)
         else:
