@@ -43,12 +43,15 @@ _LAZY = {
     "RateSchedule": ("schedule", "RateSchedule"),
     "load": ("checkpoint", "load"),
     "export_onnx": ("export", "export_onnx"),
+    "register_builder": ("trust", "register_builder"),
+    "UntrustedFileError": ("trust", "UntrustedFileError"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import load
     from .export import export_onnx
     from .schedule import RateSchedule
+    from .trust import UntrustedFileError, register_builder
     from .stages import ConvStage, FeatureLayout, describe_feature_layout, find_conv_stages
 
 
@@ -76,6 +79,7 @@ __all__ = [
     "RegularizerModule",
     "ResidualSite",
     "SiteReport",
+    "UntrustedFileError",
     "apply_dropblock",
     "apply_plan",
     "apply_stochastic_depth",
@@ -94,6 +98,7 @@ __all__ = [
     "plan_dropblock",
     "plan_of",
     "plan_stochastic_depth",
+    "register_builder",
     "residual_report",
     "strip",
 ]

@@ -42,10 +42,12 @@ from .checkpoint import (
     OutputPathError,
     atomic_output,
     atomic_write_bytes,
+    build_from_recipe,
     check_output_path,
     load_patched,
     load_state_dict_file,
     load_weights_into,
+    plan_from_recipe,
     read_patched,
     save_patched,
     versions,
@@ -78,13 +80,16 @@ class _Parser(argparse.ArgumentParser):
 
 # --------------------------------------------------------------------------- argument types
 def _rate(text: str) -> float:
+    from .ops import check_rate
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a rate in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1], got {text!r}")
-    return value
+    try:
+        return check_rate("rate", value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1], got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -125,7 +130,8 @@ def _stages(text: str) -> tuple[int, ...]:
         stages = ()
     if not stages or 0 in stages:
         raise argparse.ArgumentTypeError(
-            f"expected stage numbers like 3,4 (1-based) or -2,-1 (from the last), got {text!r}"
+            f"expected residual stage numbers like 3,4 (1-based: ResNet layer3,layer4) or -2,-1 "
+            f"(from the last), got {text!r}"
         )
     return stages
 
@@ -146,6 +152,11 @@ def _model_arg(p: argparse.ArgumentParser, patched_ok: bool) -> None:
     p.add_argument("--kwargs", metavar="JSON", help='keyword arguments for the model, e.g. \'{"num_classes": 10}\'')
     p.add_argument("--input-shape", type=_shape, metavar="SHAPE",
                    help="example input shape, e.g. 1,3,224,224 (default: the model's own, else 224 px)")
+    if patched_ok:
+        p.add_argument("--trust-code", action="store_true",
+                       help="let a patched file name any package.module:callable as its model builder "
+                            "(runs code chosen by the file; by default only timm, torchvision, regsurgery, "
+                            "hf:DIR and registered builders are called)")
 
 
 def _weights_args(p: argparse.ArgumentParser) -> None:
@@ -172,8 +183,10 @@ def _plan_args(p: argparse.ArgumentParser, drop_path_default: Optional[float]) -
     g = p.add_argument_group("DropBlock")
     g.add_argument("--drop-block", type=_rate, default=0.0, metavar="RATE", help="drop rate; 0 (default) turns it off")
     g.add_argument("--block-size", type=_positive_int, default=7, metavar="N", help="block size (default 7)")
-    g.add_argument("--stages", type=_stages, default=(-2, -1), metavar="LIST",
-                   help="conv stages, 1-based or negative from the last (default -2,-1)")
+    g.add_argument("--stages", type=_stages, default=None, metavar="LIST",
+                   help="residual stages (groups of residual blocks at one resolution; ResNet layer1..layer4 "
+                        "are 1..4, the stem is not counted), 1-based or negative from the last "
+                        "(default -2,-1); needs --drop-block")
     g.add_argument("--where", type=_where, default=("branch", "skip"), metavar="LIST",
                    help="branch, skip or both (default branch,skip: the paper's placement)")
     g.add_argument("--per-channel", action="store_true", help="one mask per channel instead of one shared")
@@ -205,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p, patched_ok=True)
     _weights_args(p)
     _plan_args(p, drop_path_default=None)
+    p.add_argument("--plan", metavar="FILE",
+                   help="apply this plan (JSON: what 'inspect --format json' prints, or Plan.to_json()) "
+                        "instead of planning from --drop-path / --drop-block; it is validated as data")
     p.add_argument("--out", required=True, metavar="OUT", help="output file (.pt, or .safetensors)")
     p.set_defaults(func=cmd_patch)
 
@@ -213,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p, patched_ok=True)
     _weights_args(p)
     p.add_argument("--onnx", metavar="FILE", help="ONNX file (checked with onnx.checker and onnxruntime)")
-    p.add_argument("--opset", type=_positive_int, metavar="N", help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=_positive_int, metavar="N",
+                   help="ONNX opset (default: the exporter's; checked against the range it supports)")
+    p.add_argument("--static", action="store_true",
+                   help="ONNX: fix the batch dimension to the example's (default: a dynamic batch)")
     p.add_argument("--torchscript", metavar="FILE", help="TorchScript file (torch.jit.trace)")
     p.add_argument("--pt2", metavar="FILE", help="torch.export archive (.pt2)")
     p.add_argument("--tolerance", type=_positive_float, default=1e-3, metavar="TOL",
@@ -265,12 +284,13 @@ def _resolve(args: argparse.Namespace, apply_stored_plan: bool) -> _Resolved:
         if getattr(args, "checkpoint", None):
             raise UsageError("--checkpoint cannot be combined with a patched file (it holds its weights)")
         patched_file = args.model
+        trust = bool(getattr(args, "trust_code", False))
         if apply_stored_plan:
-            model, recipe = load_patched(patched_file)
+            model, recipe = load_patched(patched_file, trust_code=trust)
         else:
             state_dict, recipe = read_patched(patched_file)
-            model = build_model(recipe["model"], recipe.get("kwargs") or {})
-            load_weights_into(model, state_dict, source=patched_file)
+            model = build_from_recipe(recipe, patched_file, trust, state_dict)
+            plan_from_recipe(recipe, model, patched_file)  # refuse a bad plan whatever the command
         spec, kwargs = recipe["model"], dict(recipe.get("kwargs") or {})
     else:
         spec, kwargs = args.model, parse_kwargs(args.kwargs)
@@ -328,7 +348,7 @@ def _make_plan(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, site
         ))
     if args.drop_block:
         parts.append(lambda: _call_accepting(
-            plan_dropblock, model, args.drop_block, block_size=args.block_size, stages=tuple(args.stages),
+            plan_dropblock, model, args.drop_block, block_size=args.block_size, stages=_stages_of(args),
             where=tuple(args.where), example_inputs=x, optional={"per_channel": args.per_channel},
         ))
     plan = None
@@ -344,12 +364,31 @@ def _make_plan(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, site
     return plan
 
 
+def _stages_of(args: argparse.Namespace) -> tuple[int, ...]:
+    return tuple(args.stages) if args.stages is not None else (-2, -1)
+
+
+def _check_plan_options(args: argparse.Namespace) -> None:
+    """Options that only mean something together (exit 2 when they are not)."""
+    if args.stages is not None and not args.drop_block:
+        raise UsageError("--stages chooses where DropBlock goes; give --drop-block RATE too")
+
+
 # --------------------------------------------------------------------------- inspect
+def _residual_numbers(stages: list[Any]) -> dict[int, int]:
+    """Conv stage index -> the residual stage number ``--stages`` takes."""
+    from .surgery import residual_stages
+
+    return {st.index: k for k, st in enumerate(residual_stages(stages), 1)}
+
+
 def _site_rows(sites: list[Any], stages: list[Any], plan: Any) -> list[dict[str, Any]]:
+    number = _residual_numbers(stages)
     stage_of: dict[int, int] = {}
     for st in stages:
         for s in st.sites:
-            stage_of.setdefault(s.index, st.index)
+            if st.index in number:
+                stage_of.setdefault(s.index, number[st.index])
     rows = []
     ops = list(plan.ops) if plan is not None else []
     for s in sites:
@@ -369,8 +408,9 @@ def _site_rows(sites: list[Any], stages: list[Any], plan: Any) -> list[dict[str,
 
 
 def _stage_rows(stages: list[Any]) -> list[dict[str, Any]]:
+    number = _residual_numbers(stages)
     return [{
-        "index": st.index, "reduction": st.reduction, "channels": st.channels, "size": list(st.size),
+        "index": st.index, "stage": number.get(st.index), "reduction": st.reduction, "channels": st.channels, "size": list(st.size),
         "layout": getattr(st, "layout", None), "sites": [s.scope for s in st.sites],
         "scopes": list(st.scopes),
     } for st in stages]
@@ -394,8 +434,8 @@ def _plan_summary(args: argparse.Namespace, recipe: Optional[dict[str, Any]]) ->
     if args.drop_path:
         parts.append(f"DropPath {args.drop_path:g} ({args.schedule}, {args.mode})")
     if args.drop_block:
-        parts.append(f"DropBlock {args.drop_block:g} (block {args.block_size}, stages "
-                     f"{','.join(str(s) for s in args.stages)}, {'+'.join(args.where)})")
+        parts.append(f"DropBlock {args.drop_block:g} (block {args.block_size}, residual stages "
+                     f"{','.join(str(s) for s in _stages_of(args))}, {'+'.join(args.where)})")
     return "planned " + ", ".join(parts) if parts else "nothing planned (all rates 0)"
 
 
@@ -418,7 +458,7 @@ def _write_plot(path: str, rows: list[dict[str, Any]], stage_rows: list[dict[str
     groups: dict[Optional[int], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(r["stage"], []).append(r)
-    info = {s["index"]: s for s in stage_rows}
+    info = {s["stage"]: s for s in stage_rows if s["stage"] is not None}
     for stage, members in groups.items():
         if stage in info:
             s = info[stage]
@@ -446,9 +486,9 @@ def _write_plot(path: str, rows: list[dict[str, Any]], stage_rows: list[dict[str
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .analysis import find_residual_sites
-    from .plan import Plan
     from .stages import find_conv_stages
 
+    _check_plan_options(args)
     if args.plot:  # fail before the slow part
         _plot_format(args.plot)
         check_output_path(args.plot, [args.model])
@@ -462,7 +502,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         stages = _call_accepting(find_conv_stages, r.model, x, optional={"sites": sites})
         bar.step("planning")
         notes: list[str] = []
-        plan = Plan.from_dict(r.recipe["plan"]) if r.recipe else _make_plan(r.model, args, x, sites, notes)
+        plan = (plan_from_recipe(r.recipe, r.model, r.patched_file or "recipe") if r.recipe
+                else _make_plan(r.model, args, x, sites, notes))
     rows = _site_rows(sites, stages, plan)
     stage_rows = _stage_rows(stages)
     shape = "x".join(str(s) for s in r.input_shape)
@@ -487,11 +528,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   "-" if x["drop_block"] is None else f"{x['drop_block']:.3f} x{x['drop_block_ops']}",
                   x["existing"] or "-"] for x in rows],
             ))
-        print(f"conv stages: {len(stage_rows)}")
+        from .surgery import STAGE_NUMBERING
+
+        print(f"conv stages: {len(stage_rows)}; 'stage' is the number --stages takes ({STAGE_NUMBERING})")
         if stage_rows:
             print(_table(
-                ["stage", "reduction", "channels", "size", "sites"],
-                [[str(s["index"]), str(s["reduction"]), str(s["channels"]), f"{s['size'][0]}x{s['size'][1]}",
+                ["stage", "conv stage", "reduction", "channels", "size", "sites"],
+                [["-" if s["stage"] is None else str(s["stage"]), str(s["index"]), str(s["reduction"]), str(s["channels"]), f"{s['size'][0]}x{s['size'][1]}",
                   ", ".join(s["sites"]) if len(s["sites"]) <= 4
                   else f"{s['sites'][0]} .. {s['sites'][-1]} ({len(s['sites'])})"] for s in stage_rows],
             ))
@@ -503,19 +546,45 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- patch
+def _read_plan_file(path: str) -> dict[str, Any]:
+    """A plan file: ``Plan.to_json()``, or the document ``inspect --format json`` prints (its
+    ``plan`` entry). Only JSON is read; the plan is validated against the model later."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--plan {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"--plan {path} is not a JSON file: {e}") from None
+    if isinstance(data, dict) and "ops" not in data and isinstance(data.get("plan"), dict):
+        data = data["plan"]  # inspect --format json
+    if not isinstance(data, dict):
+        raise UsageError(f"--plan {path} must hold a JSON object (a plan), got {type(data).__name__}")
+    return data
+
+
 def cmd_patch(args: argparse.Namespace) -> int:
     from .rewrite import apply_plan
 
-    if not args.drop_path and not args.drop_block:
-        raise UsageError("nothing to do: give --drop-path RATE and/or --drop-block RATE (> 0)")
-    inputs = [args.model, args.checkpoint]
+    _check_plan_options(args)
+    if args.plan and (args.drop_path or args.drop_block):
+        raise UsageError("--plan gives the whole plan; do not combine it with --drop-path / --drop-block")
+    if not args.plan and not args.drop_path and not args.drop_block:
+        raise UsageError("nothing to do: give --drop-path RATE and/or --drop-block RATE (> 0), or --plan FILE")
+    plan_data = _read_plan_file(args.plan) if args.plan else None
+    inputs = [args.model, args.checkpoint, args.plan]
     check_output_path(args.out, inputs)  # fail before the slow part
     with Progress(total=4, desc="patch") as bar:
         bar.step("building the model")
         r = _resolve(args, apply_stored_plan=False)
         x = _checked_example(r)
         bar.step("planning")
-        plan = _make_plan(r.model, args, x)
+        if plan_data is not None:
+            plan = plan_from_recipe({"plan": plan_data}, r.model, args.plan)
+            if not plan.ops:
+                raise UsageError(f"--plan {args.plan} holds no ops")
+        else:
+            plan = _make_plan(r.model, args, x)
         bar.step("checking the patched model")
         state_dict = r.model.state_dict()
         # Apply to a copy and run one training step's forward: a plan that does not fit fails
@@ -539,11 +608,12 @@ def cmd_patch(args: argparse.Namespace) -> int:
     parts = []
     if dp:
         slots = counts.get("set_rate", 0)
-        parts.append(f"DropPath on {len(dp)} residual sites, rate {min(dp):.3g} -> {max(dp):.3g} ({args.schedule})"
+        how = "from --plan" if args.plan else args.schedule
+        parts.append(f"DropPath on {len(dp)} residual sites, rate {min(dp):.3g} -> {max(dp):.3g} ({how})"
                      + (f", {slots} existing slots reused" if slots else ""))
     if counts.get("drop_block"):
-        parts.append(f"DropBlock {args.drop_block:g} at {counts['drop_block']} places "
-                     f"(stages {','.join(str(s) for s in args.stages)})")
+        parts.append(f"DropBlock {counts['drop_block']} places "
+                     f"(residual stages {','.join(str(s) for s in _stages_of(args))})")
     print(f"{r.spec}: " + "; ".join(parts))
     print(f"wrote {args.out} ({len(state_dict)} tensors, weights unchanged); "
           f"rebuild with regsurgery.load({args.out!r})")
@@ -564,6 +634,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError("--onnx, --torchscript and --pt2 must name different files")
     for _, path in targets:
         check_output_path(path, inputs)
+    if args.onnx and args.opset is not None:
+        from .export import onnx_opset_range
+
+        low, high = onnx_opset_range()
+        if not low <= args.opset <= high:
+            raise UsageError(f"--opset {args.opset}: the installed ONNX exporter supports opsets {low} to {high}")
     with Progress(total=1, desc="export: loading") as bar:
         bar.step("building the model")
         r = _resolve(args, apply_stored_plan=True)
@@ -577,7 +653,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             with Progress(total=4, desc=f"export {name}") as bar:
                 if name == "onnx":
                     report = export_onnx(r.model, x, staged, opset=args.opset, tolerance=args.tolerance,
-                                         inputs=inputs, progress=bar)
+                                         inputs=inputs, progress=bar, dynamic_batch=not args.static)
                 elif name == "torchscript":
                     report = export_torchscript(r.model, x, staged, tolerance=args.tolerance, inputs=inputs,
                                                 progress=bar)
@@ -593,7 +669,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- main
-_USAGE_ERRORS = (UsageError, ModelSpecError, OutputPathError)
+def _usage_errors() -> tuple[type, ...]:
+    from .surgery import StageIndexError
+
+    return (UsageError, ModelSpecError, OutputPathError, StageIndexError)
 
 
 def _one_line(e: BaseException) -> str:
@@ -623,10 +702,22 @@ def _quiet_warnings(debug: bool) -> Iterator[None]:
         yield
 
 
+def _ignore_file_size_signal() -> None:
+    """Past a file-size limit (``ulimit -f``) the kernel sends SIGXFSZ, which kills the process
+    before any cleanup (torch's C++ writers then abort with a backtrace and leave temp files).
+    Ignored, the write fails with EFBIG instead: one error line, exit 1, the temp file removed."""
+    import signal
+    import threading
+
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad usage, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    _ignore_file_size_signal()
     try:
         args = build_parser().parse_args(_join_negative_values(argv))
         with _quiet_warnings(debug):
@@ -640,7 +731,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if debug:
             traceback.print_exc()
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(e, _USAGE_ERRORS) else EXIT_FAILURE
+        return EXIT_USAGE if isinstance(e, _usage_errors()) else EXIT_FAILURE
 
 
 if __name__ == "__main__":  # pragma: no cover

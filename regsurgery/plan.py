@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Union
@@ -32,14 +31,10 @@ ScheduleFn = Callable[[int, int, float], float]
 
 
 def check_rate(name: str, value: Any) -> float:
-    """A rate in [0, 1]; anything else (NaN included) is a ValueError naming ``name``."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
-    if math.isnan(v) or not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return v
+    """A rate in [0, 1]; see :func:`regsurgery.ops.check_rate` (the one place rates are checked)."""
+    from .ops import check_rate as _check
+
+    return _check(name, value)
 
 
 @dataclass

@@ -18,10 +18,10 @@ regularizers hold no parameters or buffers). :func:`strip` deletes the instance 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import linecache
 import operator
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -48,27 +48,48 @@ class PlanMismatchError(ValueError):
 class _PatchState:
     ops: list[PlannedOp]
     modules: dict[tuple, nn.Module]
-    train_forward: Callable[..., Any]
+    train_forward: Optional[Callable[..., Any]]
     source: str = field(repr=False, default="")
+    scope: str = ""
+
+    # The generated train forward is code made by exec: it does not pickle. A pickled (or
+    # spawned) patched model carries the ops and modules, and the block re-traces and regenerates
+    # the same code on its first train-mode call (see _train_forward_of).
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "train_forward": None, "source": ""}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _PatchState:
+        import copy
+
+        # The generated function takes the block as an argument: the copy can share it.
+        return _PatchState(ops=copy.deepcopy(self.ops, memo), modules=copy.deepcopy(self.modules, memo),
+                           train_forward=self.train_forward, source=self.source, scope=self.scope)
+
+
+def _train_forward_of(block: nn.Module) -> Callable[..., Any]:
+    state: _PatchState = block.__dict__[_STATE]
+    fn = state.train_forward
+    if fn is None:  # unpickled: regenerate the rewritten graph's code from the stored ops
+        _rebuild(block, state)
+        fn = state.train_forward
+    return fn
 
 
 def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     # Train mode runs the rewritten graph; eval mode is the untouched class forward, so eval
     # outputs, exports and compile graphs are exactly the original's.
     if self.training:
-        return self._regsurgery_patch.train_forward(self, *args, **kwargs)
+        return _train_forward_of(self)(self, *args, **kwargs)
     return type(self).forward(self, *args, **kwargs)
 
 
 def _own_patched_forward() -> Callable[..., Any]:
     # One code object per patched block: dynamo caches frames per code object, and a graph break
     # inside a block (skip mode) compiles this frame once per block, past recompile_limit (8).
-    code = _patched_forward.__code__
-    name = f"_patched_forward__{next(_counter)}"
-    changes: dict[str, Any] = {"co_name": name}
-    if hasattr(code, "co_qualname"):
-        changes["co_qualname"] = name
-    return types.FunctionType(code.replace(**changes), _patched_forward.__globals__, name)
+    # The function is importable (regsurgery._forwards), so a partial of it pickles.
+    from ._forwards import new_forward
+
+    return new_forward()
 
 
 def _make_module(op: PlannedOp) -> nn.Module:
@@ -234,8 +255,6 @@ def _prepare_block(model: nn.Module, scope: str, new_ops: list[PlannedOp]) -> tu
     merged.update({op.key: op for op in new_ops})
     ops = list(merged.values())
     modules: dict[tuple, nn.Module] = {}
-    named: list[tuple[str, PlannedOp]] = []
-    counts = {"drop_path": 0, "drop_block": 0}
     for op in ops:
         module = old.modules.get(op.key) if old else None
         if module is not None:
@@ -243,22 +262,38 @@ def _prepare_block(model: nn.Module, scope: str, new_ops: list[PlannedOp]) -> tu
         else:
             module = _make_module(op)
         modules[op.key] = module
+    state = _PatchState(ops=ops, modules=modules, train_forward=None, scope=scope)
+    _rebuild(block, state)
+    return block, state
+
+
+def _named_ops(ops: list[PlannedOp]) -> list[tuple[str, PlannedOp]]:
+    """The call_module target of each op (``regsurgery.dp0``...), as :func:`_install` names them."""
+    named: list[tuple[str, PlannedOp]] = []
+    counts = {"drop_path": 0, "drop_block": 0}
+    for op in ops:
         short = "dp" if op.kind == "drop_path" else "db"
         named.append((f"{CONTAINER}.{short}{counts[op.kind]}", op))
         counts[op.kind] += 1
+    return named
+
+
+def _rebuild(block: nn.Module, state: _PatchState) -> None:
+    """Trace ``block``'s class forward, insert ``state``'s ops, compile: ``state.train_forward``.
+    Deterministic (same ops, same trace policy and example): an unpickled block gets the code it had."""
+    ops, scope, named = state.ops, state.scope, _named_ops(state.ops)
     policy = ops[0].params.get("trace_policy") if ops else None
     spec = ops[0].params.get("trace_example") if ops else None
     traced = trace_block(block, scope, policy=policy, example=example_from_spec(spec, block) if spec else None)
     _insert_ops(traced.graph, scope, named)
     _add_into_drop_path_outputs(traced.graph, {
         target for target, op in named if op.kind == "drop_path" and not op.params.get("skip")})
-    train_forward, source = _compile_forward(traced.graph, scope)
+    state.train_forward, state.source = _compile_forward(traced.graph, scope)
     for op in ops:
         if op.kind == "drop_path" and op.params.get("skip"):
             from .skip import bind_skip_module
 
-            bind_skip_module(modules[op.key], block, traced.graph, op)
-    return block, _PatchState(ops=ops, modules=modules, train_forward=train_forward, source=source)
+            bind_skip_module(state.modules[op.key], block, traced.graph, op)
 
 
 def _install(block: nn.Module, state: _PatchState) -> None:
@@ -276,7 +311,9 @@ def _install(block: nn.Module, state: _PatchState) -> None:
             )
     block._modules[CONTAINER] = container
     block.__dict__[_STATE] = state
-    block.__dict__["forward"] = types.MethodType(_own_patched_forward(), block)
+    # A partial of an importable function (not a bound method): it pickles, and deepcopy maps the
+    # block to its copy.
+    block.__dict__["forward"] = functools.partial(_own_patched_forward(), block)
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
