@@ -51,8 +51,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import load
     from .export import export_onnx
     from .schedule import RateSchedule
-    from .trust import UntrustedFileError, register_builder
     from .stages import ConvStage, FeatureLayout, describe_feature_layout, find_conv_stages
+    from .trust import UntrustedFileError, register_builder
 
 
 def __getattr__(name: str) -> Any:

@@ -307,3 +307,141 @@ def test_export_to_an_unwritable_directory_fails_cleanly(capsys, tmp_path):
             assert os.listdir(d) == []
     finally:
         d.chmod(0o700)
+
+
+# --------------------------------------------------------------------------- patched models are plain modules
+def _patched(kind):
+    torch.manual_seed(0)
+    if kind == "timm":
+        import timm
+
+        model = timm.create_model("resnet18", pretrained=False, num_classes=10, zero_init_last=False)
+    else:
+        model = TinyResNet()
+    regsurgery.apply_stochastic_depth(model, 0.5, skip_dropped=(kind == "skip"))
+    if kind == "example":
+        regsurgery.apply_dropblock(model, 0.2, block_size=3, example_inputs=torch.randn(2, 3, 64, 64))
+    return model
+
+
+def _assert_regularized(model, n_inserted):
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert len(regsurgery.inserted_modules(model)) == n_inserted
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    b = model(x)
+    assert not torch.equal(a, b)  # still stochastic in train mode
+    torch.manual_seed(0)
+    assert torch.equal(model(x), a)
+    model.eval()
+    ref = model(x)
+    regsurgery.strip(model)
+    assert not regsurgery.is_patched(model) and regsurgery.inserted_modules(model) == {}
+    assert torch.equal(model(x), ref)
+
+
+def _roundtrip(model, how):
+    import copy
+    import io
+    import pickle
+
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(model))
+    if how == "torch.save":
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+    return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "deepcopy"])
+@pytest.mark.parametrize("kind", ["example", "timm", "skip"])
+def test_patched_model_survives_pickle_and_copies(kind, how):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _patched(kind)
+    n = len(regsurgery.inserted_modules(model))
+    copy_ = _roundtrip(model, how)
+    assert regsurgery.plan_of(copy_).to_dict() == regsurgery.plan_of(model).to_dict()
+    _assert_regularized(copy_, n)
+    _assert_regularized(model, n)  # the original is untouched by the copy
+
+
+def _spawn_child(model, result_path):
+    try:
+        _assert_regularized(model, 20)
+        open(result_path, "w").write("ok")
+    except BaseException as e:  # noqa: BLE001
+        open(result_path, "w").write(repr(e))
+
+
+def test_patched_model_crosses_a_spawn(tmp_path):
+    import torch.multiprocessing as mp
+
+    model = _patched("example")
+    assert len(regsurgery.inserted_modules(model)) == 20
+    result = tmp_path / "result"
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=_spawn_child, args=(model, str(result)))
+    proc.start()
+    proc.join(240)
+    assert proc.exitcode == 0 and result.read_text() == "ok", result.read_text() if result.exists() else None
+
+
+# --------------------------------------------------------------------------- export: dropout, dynamic batch
+class _WithDropout(torch.nn.Module):
+    def __init__(self, live=False):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.drop = torch.nn.Dropout(0.2)
+        self.live = live
+
+    def forward(self, x):
+        y = self.drop(self.conv(x))
+        return y + 0 * torch.rand_like(y) if self.live else y
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2", "onnx"])
+def test_eval_dropout_is_accepted_live_random_ops_refused(tmp_path, fmt):
+    from regsurgery import export as ex
+
+    fn = getattr(ex, f"export_{fmt}")
+    x = torch.randn(1, 3, 8, 8)
+    report = fn(_WithDropout(), x, tmp_path / f"m.{fmt}")
+    assert report.random_nodes == [] and (tmp_path / f"m.{fmt}").exists()
+    with pytest.raises(ex.ExportError, match="random"):
+        fn(_WithDropout(live=True), x, tmp_path / f"live.{fmt}")
+    assert not (tmp_path / f"live.{fmt}").exists()
+
+
+def test_cli_exports_a_timm_model_with_dropout(capsys, tmp_path):
+    code, out, err = run(capsys, "export", "timm:resnet18", "--kwargs", '{"drop_rate": 0.2}', "--input-shape",
+                         "1,3,64,64", "--torchscript", str(tmp_path / "m.ts"), "--pt2", str(tmp_path / "m.pt2"))
+    assert code == 0, err
+
+
+def test_onnx_has_a_dynamic_batch_unless_static(capsys, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    dyn, static = tmp_path / "dyn.onnx", tmp_path / "static.onnx"
+    code, out, err = run(capsys, "export", "--onnx", str(dyn))
+    assert code == 0, err
+    assert "checked with onnxruntime at batch 2 and 3" in out
+    model = TinyResNet()
+    session = ort.InferenceSession(str(dyn), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for batch in (1, 2, 5):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 64, 64)).astype(np.float32)
+        assert session.run(None, {name: x})[0].shape == (batch, 10)
+    del model
+    code, out, err = run(capsys, "export", "--onnx", str(static), "--static")
+    assert code == 0, err
+    session = ort.InferenceSession(str(static), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == 1
+    with pytest.raises(Exception):
+        session.run(None, {name: np.zeros((2, 3, 64, 64), np.float32)})
