@@ -4,9 +4,13 @@
 
     regsurgery inspect [MODEL] [--input-shape 1,3,224,224] [--format table|json] [--plot FILE]
     regsurgery patch   [MODEL] [--checkpoint IN] --drop-path 0.1 [--schedule linear|uniform]
-                               [--drop-block 0.1 --block-size 7 --stages -2,-1] --out OUT
+                               [--drop-block 0.1 --block-size 7 --stages 3,4] [--plan FILE] --out OUT
     regsurgery export  [MODEL-or-OUT] [--checkpoint CKPT] --onnx FILE [--torchscript FILE]
-                               [--pt2 FILE] [--input-shape ...] [--opset N]
+                               [--pt2 FILE] [--input-shape ...] [--opset N] [--static]
+
+A patched file given as MODEL is data: it may name only registered builders (timm, torchvision,
+regsurgery, hf:DIR, ``regsurgery.register_builder``) unless ``--trust-code``; its plan may only insert
+regsurgery's regularizers and set regularizer rates (``regsurgery/trust.py``).
 
 MODEL is ``timm:NAME``, ``torchvision:NAME``, ``package.module:callable`` (``--kwargs JSON``) or a
 patched file written by ``patch``; it defaults to the built-in ``regsurgery:example``, so every
@@ -130,7 +134,7 @@ def _stages(text: str) -> tuple[int, ...]:
         stages = ()
     if not stages or 0 in stages:
         raise argparse.ArgumentTypeError(
-            f"expected residual stage numbers like 3,4 (1-based: ResNet layer3,layer4) or -2,-1 "
+            f"expected stage numbers like 3,4 (residual stages, 1-based: ResNet layer3,layer4) or -2,-1 "
             f"(from the last), got {text!r}"
         )
     return stages

@@ -445,3 +445,29 @@ def test_onnx_has_a_dynamic_batch_unless_static(capsys, tmp_path):
     assert session.get_inputs()[0].shape[0] == 1
     with pytest.raises(Exception):
         session.run(None, {name: np.zeros((2, 3, 64, 64), np.float32)})
+
+
+# --------------------------------------------------------------------------- hf:DIR
+def test_local_huggingface_directory_builds_without_remote_code(tmp_path):
+    pytest.importorskip("transformers")
+    from regsurgery.modelspec import build_model
+
+    cfg = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "intermediate_size": 32, "vocab_size": 50, "max_position_embeddings": 16}
+    good = tmp_path / "bert"
+    good.mkdir()
+    (good / "config.json").write_text(json.dumps(cfg))
+    model = build_model(f"hf:{good}")
+    assert type(model).__name__ == "BertModel"
+    path = tmp_path / "bert.pt"
+    save_patched(path, model.state_dict(), {"model": f"hf:{good}", "plan": EMPTY_PLAN})
+    assert type(load(path)).__name__ == "BertModel"  # hf:DIR is allowed in files
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_text(json.dumps({**cfg, "model_type": "evil",
+                                                  "auto_map": {"AutoConfig": "code.EvilConfig"}}))
+    (evil / "code.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    with pytest.raises(ModelSpecError):
+        build_model(f"hf:{evil}")
+    assert not marker.exists()
