@@ -503,7 +503,8 @@ def export_pt2(
         _step(progress, "saving")
         _write_buffer(lambda buf: torch.export.save(program, buf), tmp, "torch.export archive")
         _step(progress, "verifying")
-        loaded = torch.export.load(tmp)
+        with open(tmp, "rb") as f:  # a file object: the temp name does not end in .pt2
+            loaded = torch.export.load(f)
         with torch.no_grad():
             actual = loaded.module()(*args)
         diff, scale = _max_abs_diff(expected, actual, "the torch.export program")

@@ -71,11 +71,14 @@ def check_rate(name: str, value: Any, *, echo_name: bool = False, convert: bool 
     Returns ``float(value)``, or ``value`` itself with ``convert=False`` (under torch.compile a
     symbolic float must not be converted: that would specialize on every new rate).
     """
-    shown = f"{name}={value!r}" if echo_name else repr(value)
+    # Plain comparisons only, and the message built only on failure: formatting a symbolic float
+    # would specialize on it (one recompile per rate under torch.compile).
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        shown = f"{name}={value!r}" if echo_name else repr(value)
         raise RateTypeError(f"{name} must be a real number in [0, 1], got {shown} "
                             f"({type(value).__name__}, not a number)")
     if not (0.0 <= value <= 1.0):  # also rejects NaN
+        shown = f"{name}={value!r}" if echo_name else repr(value)
         raise ValueError(f"{name} must be in [0, 1] (a probability), got {shown}")
     return float(value) if convert else value
 

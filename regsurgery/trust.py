@@ -53,6 +53,8 @@ SAFE_SOURCES = ("timm", "torchvision", "regsurgery", "hf")
 _TIMM_FILE_KWARGS = frozenset({"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
                                "pretrained", "pretrained_strict", "features_only_cfg"})
 _TV_FILE_KWARGS = frozenset({"weights", "weights_backbone", "pretrained", "progress"})
+_HF_FILE_KWARGS = frozenset({"trust_remote_code", "local_files_only", "token", "cache_dir", "revision",
+                             "code_revision", "force_download", "proxies", "subfolder"})
 
 
 class UntrustedFileError(ValueError):
@@ -138,7 +140,7 @@ def check_file_kwargs(spec: str, kwargs: Any, source: str) -> dict[str, Any]:
         raise UntrustedFileError(f"{source}: the model kwargs must be a dict, got {type(kwargs).__name__}")
     kwargs = _check_plain(kwargs, f"{source}: kwargs")
     origin = spec.partition(":")[0]
-    banned = _TIMM_FILE_KWARGS if origin == "timm" else _TV_FILE_KWARGS if origin == "torchvision" else ()
+    banned = {"timm": _TIMM_FILE_KWARGS, "torchvision": _TV_FILE_KWARGS, "hf": _HF_FILE_KWARGS}.get(origin, ())
     bad = sorted(k for k in kwargs if k in banned and kwargs[k] not in (None, False))
     if bad:
         raise UntrustedFileError(f"{source}: kwargs {', '.join(map(repr, bad))} of {spec!r} would read or fetch "

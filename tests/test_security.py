@@ -310,8 +310,30 @@ def test_export_to_an_unwritable_directory_fails_cleanly(capsys, tmp_path):
 
 
 # --------------------------------------------------------------------------- patched models are plain modules
+class _ToyViT(torch.nn.Module):
+    """Two transformer blocks without BatchNorm: skip mode really skips here."""
+
+    def __init__(self):
+        super().__init__()
+        import toy_models as tm
+
+        self.embed = torch.nn.Linear(8, 16)
+        self.blocks = torch.nn.Sequential(tm.TwoResiduals(16), tm.TwoResiduals(16))
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.embed(x)).mean(1))
+
+
 def _patched(kind):
     torch.manual_seed(0)
+    if kind == "skip":
+        model = _ToyViT()
+        regsurgery.apply_stochastic_depth(model, 0.5, skip_dropped=True)
+        from regsurgery.skip import SkipDropPath
+
+        assert any(isinstance(m, SkipDropPath) for m in regsurgery.inserted_modules(model).values())
+        return model
     if kind == "timm":
         import timm
 
@@ -325,7 +347,8 @@ def _patched(kind):
 
 
 def _assert_regularized(model, n_inserted):
-    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    shape = (6, 5, 8) if isinstance(model, _ToyViT) else (4, 3, 64, 64)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     assert len(regsurgery.inserted_modules(model)) == n_inserted
     model.train()
     torch.manual_seed(0)
