@@ -276,13 +276,18 @@ def plan_dropblock(
             f"{type(model).__name__} has no conv stages (4-D NCHW feature maps) for DropBlock"
         )
     residual = residual_stages(found)
+    if not residual:
+        raise NoSitesError(
+            f"the chosen stages {tuple(stages)} of {type(model).__name__} hold no residual site with an NCHW "
+            "feature map (the model has no residual stage); check find_conv_stages(model)"
+        )
     chosen = []
     for s in stages:
         if isinstance(s, bool) or not isinstance(s, int) or s == 0 or not -len(residual) <= s <= len(residual):
             raise StageIndexError(
-                f"stages must hold 1-based residual stage numbers or negative ones from the last, in "
-                f"[-{len(residual)}, {len(residual)}] without 0 (the model has {len(residual)} residual "
-                f"stages; {STAGE_NUMBERING}), got {s!r}"
+                f"stages must hold 1-based stage numbers or negative ones from the last, in "
+                f"[-{len(residual)}, {len(residual)}] without 0 ({STAGE_NUMBERING}; the model has "
+                f"{len(residual)} stages), got {s!r}"
             )
         chosen.append(residual[s - 1] if s > 0 else residual[s])
     ops: list[PlannedOp] = []

@@ -254,6 +254,16 @@ def _check_op(i: int, op: Any, model: Optional[nn.Module], where: str) -> None:
             raise UntrustedFileError(f"{w} ({kind}): unknown trace_policy {pol!r}")
     _check_example_spec(params.get("trace_example"), w)
     if kind != "set_rate":
+        if model is not None:
+            from .tracing import get_submodule
+
+            from .rewrite import PlanMismatchError
+
+            try:
+                get_submodule(model, scope)
+            except AttributeError:
+                raise PlanMismatchError(f"{w} ({kind}) names scope {scope!r}, which the model does not "
+                                        f"have: the plan was made for another model; re-plan it") from None
         return
     module_name, attr = params.get("module"), params.get("attr", "p")
     if not isinstance(module_name, str) or not module_name or not _NAME.match(module_name):
@@ -265,10 +275,13 @@ def _check_op(i: int, op: Any, model: Optional[nn.Module], where: str) -> None:
         return
     from .tracing import get_submodule
 
+    from .rewrite import PlanMismatchError
+
     try:
         module = get_submodule(model, module_name)
     except AttributeError:
-        raise UntrustedFileError(f"{w} (set_rate) names module {module_name!r}, which the model does not have") from None
+        raise PlanMismatchError(f"{w} (set_rate) names module {module_name!r}, which the model does not "
+                                f"have: the plan was made for another model; re-plan it") from None
     slot = _rate_slot_attr(module)
     if slot is None:
         raise UntrustedFileError(

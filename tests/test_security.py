@@ -172,7 +172,8 @@ def test_set_rate_only_on_regularizer_slots():
     (lambda op: op.update(kind="exec"), "unknown kind 'exec'"),
     (lambda op: op.update(code="import os"), "unknown field.*'code'"),
     (lambda op: op["params"].update(fn="subprocess:run"), "unknown parameter.*'fn'"),
-    (lambda op: op.update(scope="__class__"), None),
+    (lambda op: op.update(scope="__class__"), "scope '__class__'"),
+    (lambda op: op.update(scope="layer9.0"), "scope 'layer9.0'"),
     (lambda op: op["params"].update(trace_example={"args": [{"shape": [1], "dtype": "load"}], "kwargs": {}}),
      "dtype"),
     (lambda op: op["params"].update(p="0.1"), "must be a real number"),
@@ -237,21 +238,30 @@ def test_rates_must_be_real_numbers(rate):
     assert not regsurgery.is_patched(model)
 
 
-def test_one_rate_check():
+def test_one_rate_check(monkeypatch):
+    """plan.check_rate, the ops' _check_p and the CLI's --drop-path all go through ops.check_rate."""
     import regsurgery.cli as cli
+    import regsurgery.ops as ops
     import regsurgery.plan as plan
 
-    src = open(os.path.join(REPO, "regsurgery", "cli.py")).read() + open(
-        os.path.join(REPO, "regsurgery", "plan.py")).read()
-    assert "check_rate" in src and plan.check_rate("r", 0.5) == 0.5
+    real, seen = ops.check_rate, []
+
+    def spy(name, value, **kw):
+        seen.append(name)
+        return real(name, value, **kw)
+
+    monkeypatch.setattr(ops, "check_rate", spy)
+    assert plan.check_rate("r", 0.5) == 0.5
     assert cli._rate("0.25") == 0.25
+    regsurgery.DropPath(0.1)
+    assert seen == ["r", "rate", "p"]
 
 
 # --------------------------------------------------------------------------- CLI usage
 @pytest.mark.parametrize("argv, code, match", [
     (["inspect", "--stages", "9"], 2, "--drop-block"),
     (["patch", "--drop-path", "0.1", "--stages", "3,4", "--out", "{d}/o.pt"], 2, "--drop-block"),
-    (["inspect", "--stages", "9", "--drop-block", "0.1"], 2, r"residual stage.*got 9"),
+    (["inspect", "--stages", "9", "--drop-block", "0.1"], 2, r"group of residual blocks.*got 9"),
     (["export", "--onnx", "{d}/o.onnx", "--opset", "6"], 2, r"opsets 7 to \d+"),
     (["export", "--onnx", "{d}/o.onnx", "--opset", "99"], 2, r"opsets 7 to \d+"),
 ])
