@@ -255,9 +255,8 @@ def _check_op(i: int, op: Any, model: Optional[nn.Module], where: str) -> None:
     _check_example_spec(params.get("trace_example"), w)
     if kind != "set_rate":
         if model is not None:
-            from .tracing import get_submodule
-
             from .rewrite import PlanMismatchError
+            from .tracing import get_submodule
 
             try:
                 get_submodule(model, scope)
@@ -273,9 +272,8 @@ def _check_op(i: int, op: Any, model: Optional[nn.Module], where: str) -> None:
                                  f"set only the rate of a regularizer slot (p or drop_prob)")
     if model is None:
         return
-    from .tracing import get_submodule
-
     from .rewrite import PlanMismatchError
+    from .tracing import get_submodule
 
     try:
         module = get_submodule(model, module_name)
