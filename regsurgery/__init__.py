@@ -26,6 +26,7 @@ from .api_dropout import apply_dropout, plan_dropout
 from .api_layerdrop import apply_layerdrop, prune_layers
 from .io.checkpoint import load
 from .io.export import export_onnx
+from .io.trust import UntrustedFileError, register_builder
 from .ops import (
     DropBlock2d,
     DropBlock3d,
@@ -58,6 +59,7 @@ __all__ = [
     "RegularizerModule",
     "ResidualSite",
     "SiteReport",
+    "UntrustedFileError",
     "apply_dropblock",
     "apply_dropout",
     "apply_layerdrop",
@@ -81,6 +83,7 @@ __all__ = [
     "plan_of",
     "plan_stochastic_depth",
     "prune_layers",
+    "register_builder",
     "residual_report",
     "RejectedAdd",
     "strip",

@@ -38,6 +38,9 @@ __all__ = [
     "plan_dropblock",
     "apply_dropblock",
     "NoSitesError",
+    "StageIndexError",
+    "residual_stages",
+    "STAGE_NUMBERING",
 ]
 
 Patterns = Union[None, str, Sequence[str]]
@@ -364,6 +367,22 @@ def _branch_conv_anchors(block: nn.Module, capture: ModelCapture, site: Residual
     return list(dict.fromkeys(anchors))
 
 
+#: How ``stages`` are numbered, in words (errors, the CLI's help and inspect say the same).
+STAGE_NUMBERING = ("stage k is the k-th group of residual blocks at one resolution, counted from the "
+                   "input: ResNet layer1..layer4 are 1..4, a stem without residual blocks is not counted, "
+                   "as the DropBlock paper's groups")
+
+
+class StageIndexError(ValueError):
+    """A ``stages`` entry that is 0, not an integer, or beyond the model's residual stages."""
+
+
+def residual_stages(found: Sequence[Any]) -> list[Any]:
+    """The conv stages (of :func:`regsurgery.find_conv_stages`) that hold a residual site, in order:
+    ``stages=(k,)`` of :func:`plan_dropblock` is the k-th of them."""
+    return [s for s in found if getattr(s, "sites", None)]
+
+
 def plan_dropblock(
     model: nn.Module,
     rate: float = 0.1,
@@ -379,8 +398,9 @@ def plan_dropblock(
 
     In every residual site of the chosen stages: after each conv layer of the branch (after its
     norm when the conv feeds one) for ``"branch"``, and on the shortcut operand of the add for
-    ``"skip"`` — the placement the paper found best. ``stages`` are 1-based stage indices of
-    :func:`regsurgery.find_conv_stages` or negative ones counted from the last stage. The block
+    ``"skip"`` — the placement the paper found best. ``stages`` are 1-based *residual stage*
+    numbers (:func:`residual_stages`: the conv stages that hold residual blocks, so ResNet's
+    layer3/layer4 are ``(3, 4)``, the paper's groups) or negative ones counted from the last. The block
     size is clipped per site to the stage's map size.
     """
     require_module(model)
@@ -397,14 +417,21 @@ def plan_dropblock(
         raise NoSitesError(
             f"{type(model).__name__} has no conv stages (NCHW or NCDHW feature maps) for DropBlock"
         )
+    residual = residual_stages(found)
+    if not residual:
+        raise NoSitesError(
+            f"the chosen stages {tuple(stages)} of {type(model).__name__} hold no residual site with an NCHW "
+            "feature map (the model has no residual stage); check find_conv_stages(model)"
+        )
     chosen = []
     for s in stages:
-        if isinstance(s, bool) or not isinstance(s, int) or s == 0 or not -len(found) <= s <= len(found):
-            raise ValueError(
-                f"stages must hold 1-based stage indices or negative ones from the end, in "
-                f"[-{len(found)}, {len(found)}] without 0 (the model has {len(found)} stages), got {s!r}"
+        if isinstance(s, bool) or not isinstance(s, int) or s == 0 or not -len(residual) <= s <= len(residual):
+            raise StageIndexError(
+                f"stages must hold 1-based stage numbers or negative ones from the last, in "
+                f"[-{len(residual)}, {len(residual)}] without 0 ({STAGE_NUMBERING}; the model has "
+                f"{len(residual)} stages), got {s!r}"
             )
-        chosen.append(found[s - 1] if s > 0 else found[s])
+        chosen.append(residual[s - 1] if s > 0 else residual[s])
     ops: list[PlannedOp] = []
     skipped_stages: list[dict[str, Any]] = []
     for stage in chosen:

@@ -4,9 +4,13 @@
 
     regsurgery inspect [MODEL] [--input-shape 1,3,224,224] [--format table|json] [--plot FILE]
     regsurgery patch   [MODEL] [--checkpoint IN] --drop-path 0.1 [--schedule linear|uniform]
-                               [--drop-block 0.1 --block-size 7 --stages -2,-1] --out OUT
+                               [--drop-block 0.1 --block-size 7 --stages 3,4] [--plan FILE] --out OUT
     regsurgery export  [MODEL-or-OUT] [--checkpoint CKPT] --onnx FILE [--torchscript FILE]
-                               [--pt2 FILE] [--input-shape ...] [--opset N]
+                               [--pt2 FILE] [--input-shape ...] [--opset N] [--static]
+
+A patched file given as MODEL is data: it may name only registered builders (timm, torchvision,
+regsurgery, hf:DIR, ``regsurgery.register_builder``) unless ``--trust-code``; its plan may only insert
+regsurgery's regularizers and set regularizer rates (``regsurgery/trust.py``).
 
 MODEL is ``timm:NAME``, ``torchvision:NAME``, ``package.module:callable`` (``--kwargs JSON``) or a
 patched file written by ``patch``; it defaults to the built-in ``regsurgery:example``, so every
@@ -40,24 +44,32 @@ from torch import nn
 from ._version import __version__
 from .analysis.residual import residual_report
 from .analysis.stages import find_conv_stages
-from .api import NoSitesError, plan_dropblock, plan_stochastic_depth
+from .api import (
+    STAGE_NUMBERING,
+    NoSitesError,
+    StageIndexError,
+    plan_dropblock,
+    plan_stochastic_depth,
+    residual_stages,
+)
 from .api_dropout import DROPOUT_WHERE, plan_dropout
 from .api_layerdrop import keep_indices, prune_layers
 from .capture.examples import check_example_input
 from .io.checkpoint import (
     OutputPathError,
-    apply_recipe_prune,
     atomic_output,
     atomic_write_bytes,
+    build_from_recipe,
     check_output_path,
     load_patched,
     load_state_dict_file,
     load_weights_into,
+    plan_from_recipe,
     read_patched,
     save_patched,
     versions,
 )
-from .io.export import export_onnx, export_pt2, export_torchscript
+from .io.export import export_onnx, export_pt2, export_torchscript, onnx_opset_range
 from .io.modelspec import (
     DEFAULT_SPEC,
     ModelSpecError,
@@ -65,6 +77,7 @@ from .io.modelspec import (
     default_input_shape,
     parse_kwargs,
 )
+from .ops import check_rate
 from .plan import Plan
 from .progress import Progress
 from .rewrite.apply import apply_plan
@@ -92,9 +105,10 @@ def _rate(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a rate in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1], got {text!r}")
-    return value
+    try:
+        return check_rate("rate", value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1], got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -135,7 +149,8 @@ def _stages(text: str) -> tuple[int, ...]:
         stages = ()
     if not stages or 0 in stages:
         raise argparse.ArgumentTypeError(
-            f"expected stage numbers like 3,4 (1-based) or -2,-1 (from the last), got {text!r}"
+            f"expected stage numbers like 3,4 (residual stages, 1-based: ResNet layer3,layer4) or -2,-1 "
+            f"(from the last), got {text!r}"
         )
     return stages
 
@@ -180,6 +195,11 @@ def _model_arg(p: argparse.ArgumentParser, patched_ok: bool) -> None:
     p.add_argument("--kwargs", metavar="JSON", help='keyword arguments for the model, e.g. \'{"num_classes": 10}\'')
     p.add_argument("--input-shape", type=_shape, metavar="SHAPE",
                    help="example input shape, e.g. 1,3,224,224 (default: the model's own, else 224 px)")
+    if patched_ok:
+        p.add_argument("--trust-code", action="store_true",
+                       help="let a patched file name any package.module:callable as its model builder "
+                            "(runs code chosen by the file; by default only timm, torchvision, regsurgery, "
+                            "hf:DIR and registered builders are called)")
 
 
 def _weights_args(p: argparse.ArgumentParser) -> None:
@@ -210,8 +230,10 @@ def _plan_args(p: argparse.ArgumentParser, drop_path_default: Optional[float]) -
     g = p.add_argument_group("DropBlock")
     g.add_argument("--drop-block", type=_rate, default=0.0, metavar="RATE", help="drop rate; 0 (default) turns it off")
     g.add_argument("--block-size", type=_positive_int, default=7, metavar="N", help="block size (default 7)")
-    g.add_argument("--stages", type=_stages, default=(-2, -1), metavar="LIST",
-                   help="conv stages, 1-based or negative from the last (default -2,-1)")
+    g.add_argument("--stages", type=_stages, default=None, metavar="LIST",
+                   help="residual stages (groups of residual blocks at one resolution; ResNet layer1..layer4 "
+                        "are 1..4, the stem is not counted), 1-based or negative from the last "
+                        "(default -2,-1); needs --drop-block")
     g.add_argument("--where", type=_where, default=("branch", "skip"), metavar="LIST",
                    help="branch, skip or both (default branch,skip: the paper's placement)")
     g.add_argument("--per-channel", action="store_true", help="one mask per channel instead of one shared")
@@ -249,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p, patched_ok=True)
     _weights_args(p)
     _plan_args(p, drop_path_default=None)
+    p.add_argument("--plan", metavar="FILE",
+                   help="apply this plan (JSON: what 'inspect --format json' prints, or Plan.to_json()) "
+                        "instead of planning from --drop-path / --drop-block; it is validated as data")
     p.add_argument("--out", required=True, metavar="OUT", help="output file (.pt, or .safetensors)")
     p.set_defaults(func=cmd_patch)
 
@@ -257,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p, patched_ok=True)
     _weights_args(p)
     p.add_argument("--onnx", metavar="FILE", help="ONNX file (checked with onnx.checker and onnxruntime)")
-    p.add_argument("--opset", type=_positive_int, metavar="N", help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=_positive_int, metavar="N",
+                   help="ONNX opset (default: the exporter's; checked against the range it supports)")
+    p.add_argument("--static", action="store_true",
+                   help="ONNX: fix the batch dimension to the example's (default: a dynamic batch)")
     p.add_argument("--torchscript", metavar="FILE", help="TorchScript file (torch.jit.trace)")
     p.add_argument("--pt2", metavar="FILE", help="torch.export archive (.pt2)")
     p.add_argument("--tolerance", type=_positive_float, default=1e-3, metavar="TOL",
@@ -321,13 +349,13 @@ def _resolve(args: argparse.Namespace, apply_stored_plan: bool) -> _Resolved:
         if getattr(args, "checkpoint", None):
             raise UsageError("--checkpoint cannot be combined with a patched file (it holds its weights)")
         patched_file = args.model
+        trust = bool(getattr(args, "trust_code", False))
         if apply_stored_plan:
-            model, recipe = load_patched(patched_file)
+            model, recipe = load_patched(patched_file, trust_code=trust)
         else:
             state_dict, recipe = read_patched(patched_file)
-            model = build_model(recipe["model"], recipe.get("kwargs") or {})
-            apply_recipe_prune(model, recipe, patched_file)
-            load_weights_into(model, state_dict, source=patched_file)
+            model = build_from_recipe(recipe, patched_file, trust, state_dict)
+            plan_from_recipe(recipe, model, patched_file)  # refuse a bad plan whatever the command
         spec, kwargs = recipe["model"], dict(recipe.get("kwargs") or {})
     else:
         spec, kwargs = args.model, parse_kwargs(args.kwargs)
@@ -382,7 +410,7 @@ def _make_plan(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, site
         ))
     if args.drop_block:
         parts.append(lambda: _call_accepting(
-            plan_dropblock, model, args.drop_block, block_size=args.block_size, stages=tuple(args.stages),
+            plan_dropblock, model, args.drop_block, block_size=args.block_size, stages=_stages_of(args),
             where=tuple(args.where), example_inputs=x, optional={"per_channel": args.per_channel},
         ))
     if getattr(args, "dropout", 0.0):
@@ -406,12 +434,29 @@ def _forces(include: Optional[list[str]]) -> bool:
     return any(":" in p for p in include or [])
 
 
+def _stages_of(args: argparse.Namespace) -> tuple[int, ...]:
+    return tuple(args.stages) if args.stages is not None else (-2, -1)
+
+
+def _check_plan_options(args: argparse.Namespace) -> None:
+    """Options that only mean something together (exit 2 when they are not)."""
+    if args.stages is not None and not args.drop_block:
+        raise UsageError("--stages chooses where DropBlock goes; give --drop-block RATE too")
+
+
 # --------------------------------------------------------------------------- inspect
+def _residual_numbers(stages: list[Any]) -> dict[int, int]:
+    """Conv stage index -> the residual stage number ``--stages`` takes."""
+    return {st.index: k for k, st in enumerate(residual_stages(stages), 1)}
+
+
 def _site_rows(sites: list[Any], stages: list[Any], plan: Any) -> list[dict[str, Any]]:
+    number = _residual_numbers(stages)
     stage_of: dict[int, int] = {}
     for st in stages:
         for s in st.sites:
-            stage_of.setdefault(s.index, st.index)
+            if st.index in number:
+                stage_of.setdefault(s.index, number[st.index])
     rows = []
     # Dropout ops (roles hidden / head) are not on residual sites.
     ops = [op for op in plan.ops if op.role not in ("hidden", "head")] if plan is not None else []
@@ -432,8 +477,9 @@ def _site_rows(sites: list[Any], stages: list[Any], plan: Any) -> list[dict[str,
 
 
 def _stage_rows(stages: list[Any]) -> list[dict[str, Any]]:
+    number = _residual_numbers(stages)
     return [{
-        "index": st.index, "reduction": st.reduction, "channels": st.channels, "size": list(st.size),
+        "index": st.index, "stage": number.get(st.index), "reduction": st.reduction, "channels": st.channels, "size": list(st.size),
         "layout": getattr(st, "layout", None), "sites": [s.scope for s in st.sites],
         "scopes": list(st.scopes),
     } for st in stages]
@@ -457,8 +503,8 @@ def _plan_summary(args: argparse.Namespace, recipe: Optional[dict[str, Any]]) ->
     if args.drop_path:
         parts.append(f"DropPath {args.drop_path:g} ({args.schedule}, {args.mode})")
     if args.drop_block:
-        parts.append(f"DropBlock {args.drop_block:g} (block {args.block_size}, stages "
-                     f"{','.join(str(s) for s in args.stages)}, {'+'.join(args.where)})")
+        parts.append(f"DropBlock {args.drop_block:g} (block {args.block_size}, residual stages "
+                     f"{','.join(str(s) for s in _stages_of(args))}, {'+'.join(args.where)})")
     if getattr(args, "dropout", 0.0):
         parts.append(f"Dropout {args.dropout:g} ({'+'.join(args.dropout_where)})")
     return "planned " + ", ".join(parts) if parts else "nothing planned (all rates 0)"
@@ -483,7 +529,7 @@ def _write_plot(path: str, rows: list[dict[str, Any]], stage_rows: list[dict[str
     groups: dict[Optional[int], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(r["stage"], []).append(r)
-    info = {s["index"]: s for s in stage_rows}
+    info = {s["stage"]: s for s in stage_rows if s["stage"] is not None}
     for stage, members in groups.items():
         if stage in info:
             s = info[stage]
@@ -510,6 +556,7 @@ def _write_plot(path: str, rows: list[dict[str, Any]], stage_rows: list[dict[str
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    _check_plan_options(args)
     if args.plot:  # fail before the slow part
         _plot_format(args.plot)
         check_output_path(args.plot, [args.model])
@@ -524,7 +571,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         stages = _call_accepting(find_conv_stages, r.model, x, optional={"sites": sites})
         bar.step("planning")
         notes: list[str] = []
-        plan = Plan.from_dict(r.recipe["plan"]) if r.recipe else _make_plan(r.model, args, x, sites, notes)
+        plan = (plan_from_recipe(r.recipe, r.model, r.patched_file or "recipe") if r.recipe
+                else _make_plan(r.model, args, x, sites, notes))
     rows = _site_rows(sites, stages, plan)
     stage_rows = _stage_rows(stages)
     shape = "x".join(str(s) for s in r.input_shape)
@@ -551,11 +599,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   "-" if x["drop_block"] is None else f"{x['drop_block']:.3f} x{x['drop_block_ops']}",
                   x["existing"] or "-"] for x in rows],
             ))
-        print(f"conv stages: {len(stage_rows)}")
+        print(f"conv stages: {len(stage_rows)}; 'stage' is the number --stages takes ({STAGE_NUMBERING})")
         if stage_rows:
             print(_table(
-                ["stage", "reduction", "channels", "size", "sites"],
-                [[str(s["index"]), str(s["reduction"]), str(s["channels"]), f"{s['size'][0]}x{s['size'][1]}",
+                ["stage", "conv stage", "reduction", "channels", "size", "sites"],
+                [["-" if s["stage"] is None else str(s["stage"]), str(s["index"]), str(s["reduction"]), str(s["channels"]), f"{s['size'][0]}x{s['size'][1]}",
                   ", ".join(s["sites"]) if len(s["sites"]) <= 4
                   else f"{s['sites'][0]} .. {s['sites'][-1]} ({len(s['sites'])})"] for s in stage_rows],
             ))
@@ -578,17 +626,44 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- patch
+def _read_plan_file(path: str) -> dict[str, Any]:
+    """A plan file: ``Plan.to_json()``, or the document ``inspect --format json`` prints (its
+    ``plan`` entry). Only JSON is read; the plan is validated against the model later."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--plan {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"--plan {path} is not a JSON file: {e}") from None
+    if isinstance(data, dict) and "ops" not in data and isinstance(data.get("plan"), dict):
+        data = data["plan"]  # inspect --format json
+    if not isinstance(data, dict):
+        raise UsageError(f"--plan {path} must hold a JSON object (a plan), got {type(data).__name__}")
+    return data
+
+
 def cmd_patch(args: argparse.Namespace) -> int:
-    if not args.drop_path and not args.drop_block and not args.dropout:
-        raise UsageError("nothing to do: give --drop-path RATE, --drop-block RATE and/or --dropout RATE (> 0)")
-    inputs = [args.model, args.checkpoint]
+    _check_plan_options(args)
+    if args.plan and (args.drop_path or args.drop_block or args.dropout):
+        raise UsageError("--plan gives the whole plan; do not combine it with --drop-path / --drop-block / --dropout")
+    if not args.plan and not args.drop_path and not args.drop_block and not args.dropout:
+        raise UsageError("nothing to do: give --drop-path RATE, --drop-block RATE and/or --dropout RATE (> 0), "
+                         "or --plan FILE")
+    plan_data = _read_plan_file(args.plan) if args.plan else None
+    inputs = [args.model, args.checkpoint, args.plan]
     check_output_path(args.out, inputs)  # fail before the slow part
     with Progress(total=4, desc="patch") as bar:
         bar.step("building the model")
         r = _resolve(args, apply_stored_plan=False)
         x = _checked_example(r)
         bar.step("planning")
-        plan = _make_plan(r.model, args, x)
+        if plan_data is not None:
+            plan = plan_from_recipe({"plan": plan_data}, r.model, args.plan)
+            if not plan.ops:
+                raise UsageError(f"--plan {args.plan} holds no ops")
+        else:
+            plan = _make_plan(r.model, args, x)
         bar.step("checking the patched model")
         state_dict = r.model.state_dict()
         # Apply to a copy and run one training step's forward: a plan that does not fit fails
@@ -614,14 +689,17 @@ def cmd_patch(args: argparse.Namespace) -> int:
     parts = []
     if dp:
         slots = counts.get("set_rate", 0) - sum(op.kind == "set_rate" for op in dropout_ops)
-        parts.append(f"DropPath on {len(dp)} residual sites, rate {min(dp):.3g} -> {max(dp):.3g} ({args.schedule})"
+        how = "from --plan" if args.plan else args.schedule
+        parts.append(f"DropPath on {len(dp)} residual sites, rate {min(dp):.3g} -> {max(dp):.3g} ({how})"
                      + (f", {slots} existing slots reused" if slots else ""))
     if counts.get("drop_block"):
-        parts.append(f"DropBlock {args.drop_block:g} at {counts['drop_block']} places "
-                     f"(stages {','.join(str(s) for s in args.stages)})")
+        parts.append(f"DropBlock {counts['drop_block']} places "
+                     f"(residual stages {','.join(str(s) for s in _stages_of(args))})")
     if dropout_ops:
         reused = sum(op.kind == "set_rate" for op in dropout_ops)
-        parts.append(f"Dropout {args.dropout:g} at {len(dropout_ops)} places ({'+'.join(args.dropout_where)})"
+        rate = f" {args.dropout:g}" if args.dropout else ""
+        parts.append(f"Dropout{rate} at {len(dropout_ops)} places"
+                     + (f" ({'+'.join(args.dropout_where)})" if args.dropout else "")
                      + (f", {reused} existing slots reused" if reused else ""))
     print(f"{r.spec}: " + "; ".join(parts))
     print(f"wrote {args.out} ({len(state_dict)} tensors, weights unchanged); "
@@ -694,6 +772,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError("--onnx, --torchscript and --pt2 must name different files")
     for _, path in targets:
         check_output_path(path, inputs)
+    if args.onnx and args.opset is not None:
+        low, high = onnx_opset_range()
+        if not low <= args.opset <= high:
+            raise UsageError(f"--opset {args.opset}: the installed ONNX exporter supports opsets {low} to {high}")
     with Progress(total=1, desc="export: loading") as bar:
         bar.step("building the model")
         r = _resolve(args, apply_stored_plan=True)
@@ -707,7 +789,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             with Progress(total=4, desc=f"export {name}") as bar:
                 if name == "onnx":
                     report = export_onnx(r.model, x, staged, opset=args.opset, tolerance=args.tolerance,
-                                         inputs=inputs, progress=bar)
+                                         inputs=inputs, progress=bar, dynamic_batch=not args.static)
                 elif name == "torchscript":
                     report = export_torchscript(r.model, x, staged, tolerance=args.tolerance, inputs=inputs,
                                                 progress=bar)
@@ -723,7 +805,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- main
-_USAGE_ERRORS = (UsageError, ModelSpecError, OutputPathError)
+def _usage_errors() -> tuple[type, ...]:
+    return (UsageError, ModelSpecError, OutputPathError, StageIndexError)
 
 
 def _one_line(e: BaseException) -> str:
@@ -753,10 +836,22 @@ def _quiet_warnings(debug: bool) -> Iterator[None]:
         yield
 
 
+def _ignore_file_size_signal() -> None:
+    """Past a file-size limit (``ulimit -f``) the kernel sends SIGXFSZ, which kills the process
+    before any cleanup (torch's C++ writers then abort with a backtrace and leave temp files).
+    Ignored, the write fails with EFBIG instead: one error line, exit 1, the temp file removed."""
+    import signal
+    import threading
+
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad usage, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    _ignore_file_size_signal()
     try:
         args = build_parser().parse_args(_join_negative_values(argv))
         with _quiet_warnings(debug):
@@ -770,7 +865,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if debug:
             traceback.print_exc()
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(e, _USAGE_ERRORS) else EXIT_FAILURE
+        return EXIT_USAGE if isinstance(e, _usage_errors()) else EXIT_FAILURE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Optional, Union
+
+from .ops import check_rate as _check_rate
 
 __all__ = [
     "OpParams",
@@ -37,14 +38,8 @@ ScheduleFn = Callable[[int, int, float], float]
 
 
 def check_rate(name: str, value: Any) -> float:
-    """A rate in [0, 1]; anything else (NaN included) is a ValueError naming ``name``."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
-    if math.isnan(v) or not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return v
+    """A rate in [0, 1]; see :func:`regsurgery.ops.check_rate` (the one place rates are checked)."""
+    return _check_rate(name, value)
 
 
 @dataclass

@@ -86,7 +86,8 @@ def test_inspect_table(capsys):
     assert [float(r[5]) for r in site_rows] == pytest.approx([round(0.1 * i / 7, 3) for i in range(8)])
     assert [r[3] for r in site_rows] == ["identity"] * 2 + ["projection", "identity"] * 3
     assert "conv stages: 4" in out
-    assert any(line.split()[:5] == ["4", "8", "128", "8x8", "layer4.0,"] for line in lines)
+    assert any(line.split()[:6] == ["4", "4", "8", "128", "8x8", "layer4.0,"] for line in lines)
+    assert "'stage' is the number --stages takes" in out
 
 
 def test_inspect_json_and_plots(capsys, tmp_path):

@@ -46,6 +46,7 @@ from regsurgery import (
     is_patched,
     strip,
 )
+from regsurgery.api import residual_stages
 
 # Reproducible in CI: the same examples every run, no per-example time limit (tracing is slow-ish
 # on a shared core), and a modest count so the whole file stays well under a minute.
@@ -592,7 +593,7 @@ def test_dropblock_and_drop_path_strip_exactly(spec):
     _event_sites(expected_sites(model))
     reference = copy.deepcopy(model)
     keys = list(model.state_dict())
-    stages = find_conv_stages(model, x)
+    stages = residual_stages(find_conv_stages(model, x))  # what stages=(1, ..., n) numbers
     staged = sum(len(stage.sites) for stage in stages)
     event(f"sites in conv stages: {min(staged, 3)}")
     if not staged:  # e.g. only root-level adds, whose output (the logits) is no feature map

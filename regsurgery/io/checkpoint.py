@@ -38,9 +38,15 @@ from torch import nn
 
 from .._version import __version__
 from ..api_layerdrop import keep_blocks
-from ..plan import Plan
 from ..rewrite.apply import PlanMismatchError, apply_plan
 from .modelspec import build_model
+from .trust import (
+    UntrustedFileError,
+    check_file_kwargs,
+    check_file_spec,
+    check_input_shape,
+    validate_plan_dict,
+)
 
 __all__ = [
     "PATCHED_FORMAT",
@@ -60,6 +66,8 @@ __all__ = [
     "read_patched",
     "load_patched",
     "apply_recipe_prune",
+    "build_from_recipe",
+    "plan_from_recipe",
     "load",
 ]
 
@@ -525,17 +533,39 @@ def apply_recipe_prune(model: nn.Module, recipe: dict[str, Any], path: str) -> N
         raise CheckpointError(f"{path}: the stored pruning does not fit the model {recipe['model']!r}: {e}") from e
 
 
-def load_patched(path: PathLike) -> tuple[nn.Module, dict[str, Any]]:
+def build_from_recipe(
+    recipe: dict[str, Any], source: str, trust_code: bool = False,
+    state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+) -> nn.Module:
+    """Build the model a recipe read from ``source`` names, as data: only registered builders (timm,
+    torchvision, regsurgery, hf:DIR, :func:`regsurgery.register_builder`) unless ``trust_code``;
+    kwargs must be plain JSON data the builder's signature takes. Loads ``state_dict`` if given."""
+    spec = check_file_spec(recipe.get("model"), source, trust_code)
+    kwargs = check_file_kwargs(spec, recipe.get("kwargs"), source)
+    check_input_shape(recipe.get("input_shape"), source)
+    model = build_model(spec, kwargs)
+    apply_recipe_prune(model, recipe, source)  # before the weights: they are the kept blocks'
+    if state_dict is not None:
+        load_weights_into(model, state_dict, source=source)
+    return model
+
+
+def plan_from_recipe(recipe: dict[str, Any], model: Optional[nn.Module], source: str) -> Any:
+    """The plan stored in a recipe, validated as data (:func:`regsurgery.trust.validate_plan_ops`)."""
+    try:
+        return validate_plan_dict(recipe.get("plan"), model, where=source)
+    except UntrustedFileError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: the stored plan is not valid: {e}") from e
+
+
+def load_patched(path: PathLike, trust_code: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a patched model: ``(model, recipe)``. See :func:`load`."""
     path = os.fspath(path)
     state_dict, recipe = read_patched(path)
-    model = build_model(recipe["model"], recipe.get("kwargs") or {})
-    apply_recipe_prune(model, recipe, path)
-    load_weights_into(model, state_dict, source=path)
-    try:
-        plan = Plan.from_dict(recipe["plan"])
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: the stored plan is not valid: {e}") from e
+    model = build_from_recipe(recipe, path, trust_code, state_dict)
+    plan = plan_from_recipe(recipe, model, path)
     try:
         apply_plan(model, plan)  # in place; the model object stays the one built above
     except PlanMismatchError as e:
@@ -544,8 +574,14 @@ def load_patched(path: PathLike) -> tuple[nn.Module, dict[str, Any]]:
     return model.train(), recipe
 
 
-def load(path: PathLike) -> nn.Module:
+def load(path: PathLike, trust_code: bool = False) -> nn.Module:
     """Rebuild the patched model saved by ``regsurgery patch --out PATH`` (or :func:`save_patched`):
     build it from its spec and kwargs (no download), load the weights, re-apply the plan. The model
-    is returned in train mode, ready to fine-tune."""
-    return load_patched(path)[0]
+    is returned in train mode, ready to fine-tune.
+
+    The file is data: its model spec may name only timm / torchvision / regsurgery models, a local
+    HuggingFace directory or a builder registered with :func:`regsurgery.register_builder`, and its
+    plan may only insert regsurgery's regularizers and set the rate of regularizer slots. Any other
+    callable named in the file raises :class:`regsurgery.trust.UntrustedFileError` unless
+    ``trust_code=True`` (which runs it: trust the file first)."""
+    return load_patched(path, trust_code=trust_code)[0]

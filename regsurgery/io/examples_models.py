@@ -13,6 +13,7 @@ Stages 3 and 4 (16x16 and 8x8) are where DropBlock goes by default, like ResNet-
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
@@ -112,6 +113,8 @@ def tiny_resnet(**kwargs: Any) -> TinyResNet:
     """``TinyResNet(num_classes=10, ...)``: the model behind ``regsurgery:example``."""
     return TinyResNet(**kwargs)
 
+
+tiny_resnet.__signature__ = inspect.signature(TinyResNet)  # type: ignore[attr-defined]  # kwargs are checked
 
 #: Built-in models, by the NAME of ``regsurgery:NAME``.
 EXAMPLES: dict[str, Callable[..., nn.Module]] = {"example": tiny_resnet}

@@ -42,6 +42,7 @@ __all__ = [
     "export_torchscript",
     "export_pt2",
     "onnx_random_nodes",
+    "onnx_opset_range",
 ]
 
 #: ONNX op types that draw random numbers or implement dropout; none belongs in an inference graph.
@@ -165,6 +166,23 @@ def _random_aten(names: Iterable[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- ONNX
+def onnx_opset_range() -> tuple[int, int]:
+    """``(lowest, highest)`` ONNX opset the installed torch exporter and onnx package support."""
+    try:
+        from torch.onnx import _constants as c
+
+        low, high = int(c.ONNX_MIN_OPSET), int(c.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        low, high = 7, 20
+    try:
+        import onnx
+
+        high = min(high, int(onnx.defs.onnx_opset_version()))
+    except ImportError:
+        pass
+    return low, high
+
+
 def _onnx_nodes(graph: Any) -> Iterator[Any]:
     """Every node of an ONNX graph, descending into If / Loop / Scan subgraphs."""
     for node in graph.node:
@@ -176,12 +194,41 @@ def _onnx_nodes(graph: Any) -> Iterator[Any]:
                 yield from _onnx_nodes(g)
 
 
+def _onnx_false_constants(model_proto: Any) -> set[str]:
+    """Names of scalar boolean constants that are false (initializers and Constant nodes)."""
+    from onnx import numpy_helper
+
+    out: set[str] = set()
+    tensors = [(t.name, t) for t in model_proto.graph.initializer]
+    tensors += [(n.output[0], a.t) for n in _onnx_nodes(model_proto.graph) if n.op_type == "Constant"
+                for a in n.attribute if a.name == "value"]
+    for name, t in tensors:
+        try:
+            arr = numpy_helper.to_array(t)
+        except Exception:  # noqa: BLE001
+            continue
+        if arr.size == 1 and not bool(arr.reshape(-1)[0]):
+            out.add(name)
+    return out
+
+
+def _inactive_dropout(node: Any, false_names: set[str]) -> bool:
+    """An ONNX Dropout that is the identity at inference: no ``training_mode`` input (or a
+    constant false one), so it draws no random numbers."""
+    if node.op_type != "Dropout":
+        return False
+    return len(node.input) < 3 or not node.input[2] or node.input[2] in false_names
+
+
 def onnx_random_nodes(model_proto: Any) -> list[str]:
-    """``"name (OpType)"`` of every random or dropout node, in the graph, its subgraphs and its
-    local functions."""
-    found = [n for n in _onnx_nodes(model_proto.graph) if n.op_type in RANDOM_ONNX_OPS]
+    """``"name (OpType)"`` of every node that draws random numbers at inference, in the graph, its
+    subgraphs and its local functions. A Dropout in inference mode (no ``training_mode`` input, or
+    a constant false one) is the identity and is not listed."""
+    false_names = _onnx_false_constants(model_proto)
+    nodes = list(_onnx_nodes(model_proto.graph))
     for fn in model_proto.functions:
-        found += [n for n in fn.node if n.op_type in RANDOM_ONNX_OPS]
+        nodes += list(fn.node)
+    found = [n for n in nodes if n.op_type in RANDOM_ONNX_OPS and not _inactive_dropout(n, false_names)]
     return [f"{n.name or '?'} ({n.op_type})" for n in found]
 
 
@@ -197,11 +244,16 @@ def _require_onnx() -> tuple[Any, Any]:
 
 
 def _torch_onnx_export(model: nn.Module, args: tuple[torch.Tensor, ...], path: str,
-                       opset: Optional[int], dynamo: bool) -> None:
+                       opset: Optional[int], dynamo: bool, dynamic_batch: bool = False) -> None:
     names = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
     kwargs: dict[str, Any] = dict(input_names=names, opset_version=opset, dynamo=dynamo, verbose=False)
     if dynamo:
         kwargs.update(external_data=False, optimize=True)
+        if dynamic_batch:
+            batch = torch.export.Dim("batch", min=1)
+            kwargs["dynamic_shapes"] = tuple({0: batch} if a.dim() else None for a in args)
+    elif dynamic_batch:
+        kwargs["dynamic_axes"] = {n: {0: "batch"} for n, a in zip(names, args) if a.dim()}
     with warnings.catch_warnings():
         # The legacy exporter is deprecated; using it is our decision, reported in the notes.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
@@ -218,6 +270,7 @@ def export_onnx(
     tolerance: Optional[float] = 1e-3,
     inputs: Iterable[Optional[PathLike]] = (),
     progress: Optional[Progress] = None,
+    dynamic_batch: bool = True,
 ) -> ExportReport:
     """Strip, export to ONNX at ``path``, check, and compare with torch.
 
@@ -230,6 +283,8 @@ def export_onnx(
             disables the check.
         inputs: paths that must not be overwritten.
         progress: optional bar, advanced once per step (4 steps).
+        dynamic_batch: the first dimension of every input (and output) is a symbolic ``batch``;
+            onnxruntime is checked at two batch sizes. ``False`` fixes the example's batch.
 
     Raises ExportError (nothing written) when the checker fails, the graph holds a random or
     dropout node, or onnxruntime disagrees with torch beyond ``tolerance``.
@@ -239,6 +294,9 @@ def export_onnx(
     _step(progress, "stripping")
     clone = strip_for_export(model)
     args = _random_like(example_input)
+    if dynamic_batch and any(a.dim() for a in args):
+        # A batch of 1 is specialised by the tracer (0/1 specialisation): export at batch >= 2.
+        args = _random_like(tuple(_with_batch(a, max(2, a.shape[0] if a.dim() else 1)) for a in args))
     expected = _reference(clone, args)
     notes: list[str] = []
     path = os.fspath(path)
@@ -246,14 +304,14 @@ def export_onnx(
         _step(progress, "exporting to ONNX")
         exporter = "dynamo"
         try:
-            _torch_onnx_export(clone, args, tmp, opset, dynamo=True)
+            _torch_onnx_export(clone, args, tmp, opset, dynamo=True, dynamic_batch=dynamic_batch)
         except Exception as e:  # noqa: BLE001  (any exporter failure: try the legacy one, say so)
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             notes.append(f"the dynamo exporter failed ({type(e).__name__}: {first}); "
                          f"used the legacy TorchScript exporter (dynamo=False)")
             exporter = "legacy"
             try:
-                _torch_onnx_export(clone, args, tmp, opset, dynamo=False)
+                _torch_onnx_export(clone, args, tmp, opset, dynamo=False, dynamic_batch=dynamic_batch)
             except Exception as e2:
                 raise ExportError(f"ONNX export failed with both exporters: dynamo: {first}; "
                                   f"legacy: {type(e2).__name__}: {str(e2).strip()[:200]}") from e2
@@ -276,6 +334,21 @@ def export_onnx(
             raise ExportError(f"onnxruntime cannot run the exported graph: {str(e).strip()[:300]}") from e
         diff, scale = _max_abs_diff(expected, list(actual), "onnxruntime")
         _check_close(diff, scale, tolerance, "onnxruntime")
+        if dynamic_batch and any(a.dim() for a in args):
+            # A second batch size: the batch dimension must really be free.
+            other = _random_like(tuple(_with_batch(a, a.shape[0] + 1) if a.dim() else a for a in args))
+            expected2 = _reference(clone, other)
+            try:
+                feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), other)}
+                actual2 = session.run(None, feeds)
+            except Exception as e:
+                raise ExportError(f"the exported ONNX graph does not take a batch of {other[0].shape[0]} "
+                                  f"({str(e).strip()[:200]}); export with --static (dynamic_batch=False)") from e
+            diff2, scale2 = _max_abs_diff(expected2, list(actual2), "onnxruntime")
+            _check_close(diff2, scale2, tolerance, "onnxruntime")
+            diff = max(diff, diff2)
+            notes.append(f"dynamic batch: checked with onnxruntime at batch {args[0].shape[0]} and "
+                         f"{other[0].shape[0]}")
     opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return ExportReport(
         format="onnx", path=path, exporter=exporter, seconds=time.monotonic() - start,
@@ -283,6 +356,60 @@ def export_onnx(
         op_histogram=_histogram(n.op_type for n in proto.graph.node), random_nodes=random_nodes,
         opset=opset_found, notes=notes,
     )
+
+
+def _with_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    return t[:1].expand(batch, *t.shape[1:]).contiguous() if t.shape[0] >= 1 else t
+
+
+def _live_random_ts(nodes: Iterable[Any]) -> list[str]:
+    """Random / dropout TorchScript ops that still draw numbers (a dropout with a constant
+    ``train=False`` is the identity and is left out)."""
+    found = []
+    for n in nodes:
+        kind = n.kind()
+        if not kind.startswith("aten::") or not any(r in kind.lower() for r in _RANDOM_ATEN):
+            continue
+        if "dropout" in kind:
+            ins = list(n.inputs())
+            train = ins[-1].toIValue() if ins else None
+            if train is False:
+                continue
+        found.append(kind)
+    return sorted(set(found))
+
+
+def _live_random_fx(nodes: Iterable[Any]) -> list[str]:
+    """Random / dropout ops of an exported program that still draw numbers at inference."""
+    found = []
+    for n in nodes:
+        if n.op != "call_function":
+            continue
+        name = str(getattr(n.target, "__name__", n.target))
+        if not any(r in name.lower() for r in _RANDOM_ATEN):
+            continue
+        if "dropout" in name:
+            train = n.kwargs.get("train", n.args[2] if len(n.args) > 2 else None)
+            if train is False or (len(n.args) > 1 and n.args[1] == 0):
+                continue
+        found.append(name)
+    return sorted(set(found))
+
+
+def _write_buffer(save: Any, tmp: str, what: str) -> None:
+    """Serialise into memory, then write the bytes with Python: a full disk or a file-size limit
+    then fails as an OSError (the temp file is removed by atomic_output) instead of aborting in
+    torch's C++ writer."""
+    import io
+
+    buf = io.BytesIO()
+    save(buf)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+    except OSError as e:
+        raise ExportError(f"cannot write the {what}: {e.strerror or e} ({len(buf.getbuffer())} bytes)") from e
 
 
 def _random_like(example_input: Inputs) -> tuple[torch.Tensor, ...]:
@@ -322,7 +449,7 @@ def export_torchscript(
             with torch.no_grad():
                 traced = torch.jit.trace(clone, args, check_trace=False)
             _step(progress, "saving")
-            torch.jit.save(traced, tmp)
+            _write_buffer(lambda buf: torch.jit.save(traced, buf), tmp, "TorchScript file")
             _step(progress, "verifying")
             loaded = torch.jit.load(tmp, map_location="cpu")
             with torch.no_grad():
@@ -338,7 +465,7 @@ def export_torchscript(
         diff, scale = _max_abs_diff(expected, actual, "the TorchScript module")
         _check_close(diff, scale, tolerance, "the TorchScript module")
         kinds = [n.kind() for n in loaded.inlined_graph.nodes()]
-        random_nodes = _random_aten(k for k in kinds if k.startswith("aten::"))
+        random_nodes = _live_random_ts(loaded.inlined_graph.nodes())
         if random_nodes:
             raise ExportError(f"the TorchScript graph holds random/dropout ops ({', '.join(random_nodes)})")
     ops = [k.split("::", 1)[1] for k in kinds if k.startswith("aten::")]
@@ -373,9 +500,10 @@ def export_pt2(
         except Exception as e:
             raise ExportError(f"torch.export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from e
         _step(progress, "saving")
-        torch.export.save(program, tmp)
+        _write_buffer(lambda buf: torch.export.save(program, buf), tmp, "torch.export archive")
         _step(progress, "verifying")
-        loaded = torch.export.load(tmp)
+        with open(tmp, "rb") as f:  # a file object: the temp name does not end in .pt2
+            loaded = torch.export.load(f)
         with torch.no_grad():
             actual = loaded.module()(*args)
         diff, scale = _max_abs_diff(expected, actual, "the torch.export program")
@@ -384,7 +512,7 @@ def export_pt2(
             str(getattr(n.target, "__name__", n.target))
             for n in loaded.graph_module.graph.nodes if n.op == "call_function"
         ]
-        random_nodes = _random_aten(ops)
+        random_nodes = _live_random_fx(loaded.graph_module.graph.nodes)
         if random_nodes:
             raise ExportError(f"the exported program holds random/dropout ops ({', '.join(random_nodes)})")
     return ExportReport(

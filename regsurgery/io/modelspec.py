@@ -18,7 +18,7 @@ import inspect
 import json
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
@@ -37,7 +37,10 @@ __all__ = [
 #: The built-in model the README's main command uses.
 DEFAULT_SPEC = "regsurgery:example"
 
-_FORMS = "timm:NAME, torchvision:NAME, package.module:callable or regsurgery:example"
+_FORMS = "timm:NAME, torchvision:NAME, hf:DIR, package.module:callable or regsurgery:example"
+
+#: Builders registered in code (``regsurgery.register_builder``): spec -> callable(**kwargs).
+_REGISTRY: dict[str, Any] = {}
 
 
 class ModelSpecError(ValueError):
@@ -68,7 +71,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
         if sep == "" and spec.replace("_", "").replace(".", "").isalnum():
             hint = f" (for a timm model: timm:{spec}; for torchvision: torchvision:{spec})"
         raise ModelSpecError(f"model spec {spec!r} must look like {_FORMS}{hint}")
-    if source in ("timm", "torchvision", "regsurgery"):
+    if source in ("timm", "torchvision", "regsurgery", "hf"):
         return source, name
     parts = source.split(".")
     if not all(p.isidentifier() for p in parts):
@@ -145,13 +148,51 @@ def _build_torchvision(name: str, spec: str, kwargs: dict[str, Any]) -> nn.Modul
     return _call(lambda **kw: tvm.get_model(name, weights=None, **kw), spec, kwargs)
 
 
+def check_kwargs_signature(fn: Callable[..., Any], kwargs: dict[str, Any], spec: str) -> None:
+    """Refuse a keyword ``fn`` does not take (when its signature says; ``**kwargs`` accepts all)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    named = {n for n, p in params.items()
+             if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+    unknown = [k for k in kwargs if k not in named]
+    if unknown:
+        s = "s" if len(unknown) > 1 else ""
+        raise ModelSpecError(f"{spec!r} got an unexpected keyword argument{s} {', '.join(map(repr, unknown))} "
+                             f"(it takes: {', '.join(sorted(named)) or 'none'})")
+
+
+
 def _build_example(name: str, spec: str, kwargs: dict[str, Any]) -> nn.Module:
     if name not in EXAMPLES:
         raise ModelSpecError(
             f"unknown built-in model {name!r}{_suggest(name, sorted(EXAMPLES))} "
             f"(built-in: {', '.join('regsurgery:' + n for n in sorted(EXAMPLES))})"
         )
+    check_kwargs_signature(EXAMPLES[name], kwargs, spec)
     return _call(EXAMPLES[name], spec, kwargs)
+
+
+def _build_hf(directory: str, spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    """A local HuggingFace model directory: its config.json, ``AutoModel.from_config`` with
+    ``trust_remote_code=False`` (no code from the directory runs; weights come from the checkpoint)."""
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise ModelSpecError(f"{spec!r}: {directory} is not a local HuggingFace model directory (no config.json)")
+    try:
+        import transformers
+    except ImportError as e:
+        raise MissingDependencyError(f"{spec!r} needs the transformers package, which is not installed; "
+                                     f"pip install transformers") from e
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False,
+                                                         local_files_only=True, **kwargs)
+        return transformers.AutoModel.from_config(config, trust_remote_code=False)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise ModelSpecError(f"{spec!r}: cannot build the model from {directory}/config.json: "
+                             f"{' '.join(str(e).split())[:300]}") from e
 
 
 def _import_module(module: str, spec: str) -> Any:
@@ -208,8 +249,13 @@ def build_model(spec: str, kwargs: Optional[dict[str, Any]] = None) -> nn.Module
     kwargs = dict(kwargs or {})
     if not all(isinstance(k, str) for k in kwargs):
         raise ModelSpecError(f"kwargs keys must be strings, got {list(kwargs)!r}")
+    if isinstance(spec, str) and spec in _REGISTRY:
+        check_kwargs_signature(_REGISTRY[spec], kwargs, spec)
+        return _call(_REGISTRY[spec], spec, kwargs).train()
     source, name = parse_spec(spec)
-    if source == "timm":
+    if source == "hf":
+        model = _build_hf(name, spec, kwargs)
+    elif source == "timm":
         model = _build_timm(name, spec, kwargs)
     elif source == "torchvision":
         model = _build_torchvision(name, spec, kwargs)
@@ -217,6 +263,8 @@ def build_model(spec: str, kwargs: Optional[dict[str, Any]] = None) -> nn.Module
         model = _build_example(name, spec, kwargs)
     else:
         model = _build_callable(source, name, spec, kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model.train()
 
 

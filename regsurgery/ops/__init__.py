@@ -5,8 +5,10 @@ from .drop import (
     DropBlock2d,
     DropBlock3d,
     DropPath,
+    RateTypeError,
     RegularizerModule,
     calibrate_gamma,
+    check_rate,
     drop_block2d,
     drop_block3d,
     drop_path,
@@ -16,6 +18,8 @@ from .dropout import Dropout, dropout
 from .skip import SkipDropPath, skip_drop_path
 
 __all__ = [
+    "RateTypeError",
+    "check_rate",
     "RegularizerModule",
     "drop_path",
     "DropPath",

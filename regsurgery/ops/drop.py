@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "RateTypeError",
+    "check_rate",
     "RegularizerModule",
     "drop_path",
     "DropPath",
@@ -56,13 +58,34 @@ _CACHE_SIZE = 4096
 # ----------------------------------------------------------------------------------------------
 # argument checks
 # ----------------------------------------------------------------------------------------------
+class RateTypeError(TypeError, ValueError):
+    """A rate that is not a real number (a bool, a string, None): both a TypeError and, as rates
+    always raised, a ValueError."""
+
+
+def check_rate(name: str, value: Any, *, echo_name: bool = False, convert: bool = True) -> Any:
+    """The one rate check of regsurgery: a real number in [0, 1] (NaN refused).
+
+    ``bool`` and ``str`` (and anything not a real number) raise :class:`RateTypeError` (a
+    ``TypeError`` and a ``ValueError``) naming ``name``; a number outside [0, 1] a ``ValueError``.
+    Returns ``float(value)``, or ``value`` itself with ``convert=False`` (under torch.compile a
+    symbolic float must not be converted: that would specialize on every new rate).
+    """
+    # Plain comparisons only, and the message built only on failure: formatting a symbolic float
+    # would specialize on it (one recompile per rate under torch.compile).
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        shown = f"{name}={value!r}" if echo_name else repr(value)
+        raise RateTypeError(f"{name} must be a real number in [0, 1], got {shown} "
+                            f"({type(value).__name__}, not a number)")
+    if not (0.0 <= value <= 1.0):  # also rejects NaN
+        shown = f"{name}={value!r}" if echo_name else repr(value)
+        raise ValueError(f"{name} must be in [0, 1], got {shown}")
+    return float(value) if convert else value
+
+
 def _check_p(p: Any, name: str = "p") -> None:
-    # Plain comparisons only: under torch.compile ``p`` may be a symbolic float, and a type
-    # conversion would specialize (recompile) on every new rate.
-    if isinstance(p, bool) or not isinstance(p, (numbers.Real, torch.SymFloat, torch.SymInt)):
-        raise ValueError(f"{name} must be a float probability in [0, 1], got {name}={p!r}")
-    if not (0.0 <= p <= 1.0):  # also rejects NaN
-        raise ValueError(f"{name} must be a probability in [0, 1], got {name}={p!r}")
+    # Plain comparisons only: under torch.compile ``p`` may be a symbolic float.
+    check_rate(name, p, echo_name=True, convert=False)
 
 
 def _check_block_size(block_size: Any) -> int:

@@ -31,6 +31,7 @@ and gradients (up to the summation order of a smaller batch). ``E[out] = s + f(x
 
 from __future__ import annotations
 
+import copy
 import functools
 import types
 from typing import Any, Callable, Optional, Sequence
@@ -198,6 +199,24 @@ class SkipDropPath(DropPath):
         params = [owner.get_parameter(name) for name in self.branch_params]
         return self._impl(shortcut, source, branch, self.p, self.training, self.mode,
                           self.scale_by_keep, extras, None, row_safe, params)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The compiled branch and the per-site forward are generated code (they do not pickle);
+        # the owning block re-binds them when it regenerates its train forward after unpickling.
+        state = super().__getstate__()
+        for key in ("forward", "_branch_fn", "_impl"):
+            state.pop(key, None)
+        state["_branch_fn"], state["_impl"] = None, skip_drop_path
+        return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SkipDropPath:
+        # Deepcopy keeps the bound branch (the copy's forward is rebound to the copy, its owner
+        # mapped to the copied block); only pickling drops the generated code.
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
 
     def extra_repr(self) -> str:
         nodes = "->".join(self.branch_nodes)

@@ -17,11 +17,12 @@ regularizers hold no parameters or buffers). :func:`strip` deletes the instance 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import itertools
 import linecache
 import operator
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -48,6 +49,7 @@ from ..plan import (
     SetRateParams,
     check_rate,
 )
+from .forwards import new_forward, set_template
 from .layerdrop import has_layerdrop, set_inner_forward, strip_layerdrop
 from .skip import bind_skip_module, insert_skip, make_skip_module
 
@@ -67,18 +69,42 @@ class PlanMismatchError(ValueError):
 class _PatchState:
     ops: list[PlannedOp]
     modules: dict[tuple, nn.Module]
-    train_forward: Callable[..., Any]
+    train_forward: Optional[Callable[..., Any]]
     source: str = field(repr=False, default="")
+    scope: str = ""
+
+    # The generated train forward is code made by exec: it does not pickle. A pickled (or
+    # spawned) patched model carries the ops and modules, and the block re-traces and regenerates
+    # the same code on its first train-mode call (see _train_forward_of).
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "train_forward": None, "source": ""}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _PatchState:
+        # The generated function takes the block as an argument: the copy can share it.
+        return _PatchState(ops=copy.deepcopy(self.ops, memo), modules=copy.deepcopy(self.modules, memo),
+                           train_forward=self.train_forward, source=self.source, scope=self.scope)
+
+
+def _train_forward_of(block: nn.Module) -> Callable[..., Any]:
+    state: _PatchState = block.__dict__[_STATE]
+    fn = state.train_forward
+    if fn is None:  # unpickled: regenerate the rewritten graph's code from the stored ops
+        _rebuild(block, state)
+        fn = state.train_forward
+    return fn
 
 
 def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     # Train mode runs the rewritten graph; eval mode is the untouched class forward, so eval
     # outputs, exports and compile graphs are exactly the original's.
     if self.training:
-        return self._regsurgery_patch.train_forward(self, *args, **kwargs)
+        return _train_forward_of(self)(self, *args, **kwargs)
     if isinstance(self, nn.Sequential):
         return _sequential_forward(self, *args, **kwargs)
     return type(self).forward(self, *args, **kwargs)
+
+
+set_template(_patched_forward)
 
 
 def _sequential_forward(self: nn.Sequential, x: Any) -> Any:
@@ -93,12 +119,8 @@ def _sequential_forward(self: nn.Sequential, x: Any) -> Any:
 def _own_patched_forward() -> Callable[..., Any]:
     # One code object per patched block: dynamo caches frames per code object, and a graph break
     # inside a block (skip mode) compiles this frame once per block, past recompile_limit (8).
-    code = _patched_forward.__code__
-    name = f"_patched_forward__{next(_counter)}"
-    changes: dict[str, Any] = {"co_name": name}
-    if hasattr(code, "co_qualname"):
-        changes["co_qualname"] = name
-    return types.FunctionType(code.replace(**changes), _patched_forward.__globals__, name)
+    # The function is importable (regsurgery.rewrite.forwards), so a partial of it pickles.
+    return new_forward()
 
 
 def _make_module(op: PlannedOp) -> nn.Module:
@@ -269,8 +291,6 @@ def _prepare_block(
     merged.update({op.key: op for op in new_ops})
     ops = list(merged.values())
     modules: dict[tuple, nn.Module] = {}
-    named: list[tuple[str, PlannedOp]] = []
-    counts = {"drop_path": 0, "drop_block": 0, "dropout": 0}
     for op in ops:
         module = old.modules.get(op.key) if old else None
         if module is not None:
@@ -278,30 +298,49 @@ def _prepare_block(
         else:
             module = _make_module(op)
         modules[op.key] = module
-        short = _SHORT[op.kind]
-        named.append((f"{CONTAINER}.{short}{counts[op.kind]}", op))
-        counts[op.kind] += 1
-    policy = getattr(ops[0].params, "trace_policy", None) if ops else None
-    spec = getattr(ops[0].params, "trace_example", None) if ops else None
+    state = _PatchState(ops=ops, modules=modules, train_forward=None, scope=scope)
+    graph = None
     if capture is not None and old is None and capture.model is model:
         # The block as analysed, copied: the capture is shared and must not change.
+        policy = getattr(ops[0].params, "trace_policy", None) if ops else None
         graph = copy_graph(capture.block(scope, policy).graph)
-    elif is_inline_policy(policy):  # captured on its recorded arguments: rebuilt from their spec
+    _rebuild(block, state, graph)
+    return block, state
+
+
+def _named_ops(ops: list[PlannedOp]) -> list[tuple[str, PlannedOp]]:
+    """The call_module target of each op (``regsurgery.dp0``...), as :func:`_install` names them."""
+    named: list[tuple[str, PlannedOp]] = []
+    counts = {kind: 0 for kind in _SHORT}
+    for op in ops:
+        named.append((f"{CONTAINER}.{_SHORT[op.kind]}{counts[op.kind]}", op))
+        counts[op.kind] += 1
+    return named
+
+
+def _rebuild(block: nn.Module, state: _PatchState, graph: Optional[fx.Graph] = None) -> None:
+    """Insert ``state``'s ops into ``graph`` (the block's captured graph; traced again from its class
+    forward when None) and compile: ``state.train_forward``. Deterministic (same ops, same trace
+    policy and example): a block unpickled in another process gets the code it had."""
+    ops, scope, named = state.ops, state.scope, _named_ops(state.ops)
+    policy = getattr(ops[0].params, "trace_policy", None) if ops else None
+    spec = getattr(ops[0].params, "trace_example", None) if ops else None
+    if graph is None and is_inline_policy(policy):  # captured on its recorded arguments
         graph = trace_inline(block, scope, *inline_example(spec, block),
                              leaves=tuple(inline_leaves(policy)), spec=spec).graph
-    else:  # a plan from a file, or a block patched before: trace its class forward now
+    elif graph is None:  # a plan from a file, a block patched before, or an unpickled one
         graph = trace_block(block, scope, policy=policy,
                             example=example_from_spec(spec, block) if spec else None).graph
     _insert_ops(graph, scope, named)
     _add_into_drop_path_outputs(graph, {
         target for target, op in named if op.kind == "drop_path" and not _is_skip(op)})
-    train_forward, source = _compile_forward(graph, scope)
+    train_forward, state.source = _compile_forward(graph, scope)
     if is_inline_policy(policy):
         train_forward = call_adapter(block, spec, train_forward, scope)
+    state.train_forward = train_forward
     for op in ops:
         if _is_skip(op):
-            bind_skip_module(modules[op.key], block, graph, op)
-    return block, _PatchState(ops=ops, modules=modules, train_forward=train_forward, source=source)
+            bind_skip_module(state.modules[op.key], block, graph, op)
 
 
 def _install(block: nn.Module, state: _PatchState) -> None:
@@ -319,7 +358,9 @@ def _install(block: nn.Module, state: _PatchState) -> None:
             )
     block._modules[CONTAINER] = container
     block.__dict__[_STATE] = state
-    forward = types.MethodType(_own_patched_forward(), block)
+    # A partial of an importable function (not a bound method): it pickles, and deepcopy maps the
+    # block to its copy.
+    forward = functools.partial(_own_patched_forward(), block)
     if has_layerdrop(block):
         set_inner_forward(block, forward)  # LayerDrop stays outermost
     else:
