@@ -1,7 +1,7 @@
-"""Training-loop integrations: a HuggingFace ``Trainer`` callback that steps a RateSchedule.
+"""Training-loop integrations: HuggingFace ``Trainer`` and Lightning callbacks that step a RateSchedule.
 
-``transformers`` is imported only when :func:`rate_schedule_callback` is called, so this module
-imports without it.
+``transformers`` and ``lightning`` are imported only when a callback is made, so this module
+imports without them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from .schedule import RateSchedule
 
-__all__ = ["rate_schedule_callback"]
+__all__ = ["rate_schedule_callback", "lightning_rate_schedule_callback"]
 
 
 def rate_schedule_callback(schedule: RateSchedule) -> Any:
@@ -38,3 +38,41 @@ def rate_schedule_callback(schedule: RateSchedule) -> Any:
             self.schedule.set_step(int(state.global_step))
 
     return RateScheduleCallback()
+
+
+def _lightning_callback_base() -> type:
+    try:
+        from lightning.pytorch import Callback
+    except ImportError:
+        try:
+            from pytorch_lightning import Callback
+        except ImportError:
+            raise ImportError(
+                "lightning_rate_schedule_callback needs Lightning: pip install lightning "
+                "(or pytorch-lightning); with a plain loop, call schedule.step() after optimizer.step()"
+            ) from None
+    return Callback
+
+
+def lightning_rate_schedule_callback(schedule: RateSchedule) -> Any:
+    """A Lightning ``Callback`` that keeps ``schedule`` at the trainer's ``global_step`` (optimizer
+    steps), set when training starts (a resumed run starts at its step) and after every batch::
+
+        trainer = lightning.Trainer(callbacks=[lightning_rate_schedule_callback(schedule)])
+    """
+    if not isinstance(schedule, RateSchedule):
+        raise TypeError(f"schedule must be a regsurgery.RateSchedule, got {type(schedule).__name__}")
+    base = _lightning_callback_base()
+
+    class LightningRateScheduleCallback(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self.schedule = schedule
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.schedule.set_step(int(trainer.global_step))
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+            self.schedule.set_step(int(trainer.global_step))
+
+    return LightningRateScheduleCallback()

@@ -204,3 +204,22 @@ def test_prune_refuses_non_droppable_and_bad_keep() -> None:
     pruned = prune_layers(mixed, [1, 2], example_inputs=x)
     assert pruned is mixed and len(mixed) == 2 and mixed[0] is kept
     assert list(mixed.state_dict())[:2] == ["0.fc.weight", "0.fc.bias"]
+
+
+def test_layerdrop_patched_model_pickles_and_stays_regularized() -> None:
+    import pickle
+
+    torch.manual_seed(0)
+    model = tiny_vit(depth=4)
+    apply_layerdrop(model, rate=0.5)
+    apply_stochastic_depth(model, rate=0.2)
+    back = pickle.loads(pickle.dumps(model))
+    back.train()
+    x = X
+    outs = [back(x) for _ in range(6)]
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])  # still dropping after the round trip
+    back.eval()
+    model.eval()
+    assert torch.equal(back(x), model(x))
+    strip(back)
+    assert not regsurgery.is_patched(back)

@@ -392,3 +392,17 @@ def test_inline_plan_from_json_applies_to_a_fresh_model():
     assert torch.equal(fresh(**ex).logits, ref)
     fresh.train()
     assert not torch.allclose(fresh(**ex).logits, fresh(**ex).logits)
+
+
+def test_hf_patched_model_pickles_and_stays_regularized():
+    import pickle
+
+    model, inputs, _ = _bert()
+    rs.apply_stochastic_depth(model, rate=0.3, example_inputs=inputs)
+    back = pickle.loads(pickle.dumps(model))
+    back.train()
+    outs = [back(**inputs).last_hidden_state for _ in range(4)]
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])
+    back.eval()
+    model.eval()
+    assert torch.equal(back(**inputs).last_hidden_state, model(**inputs).last_hidden_state)

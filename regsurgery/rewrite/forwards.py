@@ -16,44 +16,47 @@ from __future__ import annotations
 import itertools
 import re
 import types
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 __all__ = ["new_forward", "set_template"]
 
 _counter = itertools.count()
-_NAME = re.compile(r"^_patched_forward__\d+$")
-_template: Optional[Callable[..., Any]] = None
+_NAME = re.compile(r"^_([a-z_]+)__\d+$")
+_templates: dict[str, Callable[..., Any]] = {}
 
 
-def set_template(fn: Callable[..., Any]) -> None:
-    """The function every per-block forward is a copy of."""
-    global _template
-    _template = fn
+def set_template(fn: Callable[..., Any], kind: str = "patched_forward") -> None:
+    """The function every per-block forward of ``kind`` is a copy of (``patched_forward``: the
+    rewritten train forward; ``layerdrop_forward``: the LayerDrop wrapper)."""
+    _templates[kind] = fn
 
 
 def _make(name: str) -> Callable[..., Any]:
-    if _template is None:
-        raise RuntimeError("regsurgery.rewrite.apply is not imported: import regsurgery first")
-    code = _template.__code__
+    m = _NAME.match(name)
+    template = _templates.get(m.group(1)) if m else None
+    if template is None:
+        raise RuntimeError(f"no forward template for {name!r}: import regsurgery first")
+    code = template.__code__
     changes: dict[str, Any] = {"co_name": name}
     if hasattr(code, "co_qualname"):
         changes["co_qualname"] = name
-    fn = types.FunctionType(code.replace(**changes), _template.__globals__, name)
+    fn = types.FunctionType(code.replace(**changes), template.__globals__, name)
     fn.__module__ = __name__
     fn.__qualname__ = name
     globals()[name] = fn
     return fn
 
 
-def new_forward() -> Callable[..., Any]:
-    """A forward function with a name (and code object) not used yet in this process."""
+def new_forward(kind: str = "patched_forward") -> Callable[..., Any]:
+    """A forward function of ``kind`` with a name (and code object) not used yet in this process."""
     while True:
-        name = f"_patched_forward__{next(_counter)}"
+        name = f"_{kind}__{next(_counter)}"
         if name not in globals():
             return _make(name)
 
 
 def __getattr__(name: str) -> Any:
-    if _NAME.match(name):
+    m = _NAME.match(name)
+    if m and m.group(1) in _templates:
         return _make(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,8 +13,7 @@ Another patch installed later (DropPath in the same block) goes *under* the wrap
 
 from __future__ import annotations
 
-import itertools
-import types
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -22,13 +21,12 @@ from torch import nn
 
 from ..ops.drop import _check_p
 from ..ops.layerdrop import layer_dropped, with_zero_grads
-from ..ops.skip import code_copy
+from .forwards import new_forward, set_template
 
 __all__ = ["LAYERDROP_STATE", "install_layerdrop", "strip_layerdrop", "layerdrop_rate", "set_inner_forward",
            "has_layerdrop"]
 
 LAYERDROP_STATE = "_regsurgery_layerdrop"
-_counter = itertools.count()
 
 
 @dataclass
@@ -49,6 +47,9 @@ def _layerdrop_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return type(self).forward(self, *args, **kwargs)
 
 
+set_template(_layerdrop_forward, "layerdrop_forward")
+
+
 def has_layerdrop(block: nn.Module) -> bool:
     return LAYERDROP_STATE in block.__dict__
 
@@ -63,8 +64,8 @@ def install_layerdrop(block: nn.Module, p: float) -> None:
     block.__dict__[LAYERDROP_STATE] = _LayerDropState(p=float(p), inner=block.__dict__.get("forward"))
     # One code object per block: the graph break at the draw makes dynamo cache resume frames per
     # code object, and one shared function would hit recompile_limit on deep stacks.
-    fn = code_copy(_layerdrop_forward, f"layerdrop{next(_counter)}")
-    block.__dict__["forward"] = types.MethodType(fn, block)
+    # A partial of an importable per-block copy (own code object for dynamo): it pickles.
+    block.__dict__["forward"] = functools.partial(new_forward("layerdrop_forward"), block)
 
 
 def set_inner_forward(block: nn.Module, forward: Optional[Callable[..., Any]]) -> None:
