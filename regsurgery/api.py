@@ -175,6 +175,8 @@ def _site_batch_dims(
     # example is given (a plain capture of a sequence-first block: nn.TransformerDecoderLayer).
     plain = [scope for scope, policy in by_scope if not is_inline_policy(policy) and "specialized" not in policy]
     calls: dict[str, Any] = {}
+    if capture is None:
+        return out
     if plain and example_inputs is not None:
         try:
             calls = record_inline_inputs(capture.model, plain, example_inputs)

@@ -65,7 +65,7 @@ def apply_layerdrop(
     for stack in stacks:
         container = get_submodule(model, stack.scope)
         for i in stack.droppable:
-            install_layerdrop(container[i], rate)
+            install_layerdrop(container[i], rate)  # type: ignore[index]
     return model
 
 
@@ -94,7 +94,7 @@ def keep_indices(keep: Keep, size: int, scope: str = "") -> list[int]:
     if isinstance(keep, (list, tuple)) and keep:
         out = []
         for i in keep:
-            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not -size <= i < size:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not -size <= int(i) < size:
                 raise ValueError(f"keep index {i!r} is out of range for the stack {scope or '<root>'!r} of "
                                  f"{size} blocks")
             out.append(int(i) % size)
@@ -157,10 +157,11 @@ def keep_blocks(model: nn.Module, kept: dict[str, list[int]]) -> nn.Module:
         if type(container) not in (nn.ModuleList, nn.Sequential):
             raise ValueError(f"{scope!r} is a {type(container).__name__}, not a ModuleList / Sequential")
         if not isinstance(indices, (list, tuple)) or not indices or not all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(container) for i in indices):
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(container)  # type: ignore[arg-type]
+                for i in indices):
             raise ValueError(f"kept indices for {scope!r} must be a non-empty list of ints in "
-                             f"[0, {len(container)}), got {indices!r}")
-        blocks = [container[i] for i in indices]
+                             f"[0, {len(container)}), got {indices!r}")  # type: ignore[arg-type]
+        blocks = [container[i] for i in indices]  # type: ignore[index]
         # In place (also a stack at the root): the container keeps its object and class, its
         # children are the kept blocks under the names a new ModuleList / Sequential gives them.
         container._modules = OrderedDict((str(j), b) for j, b in enumerate(blocks))

@@ -244,7 +244,7 @@ def _plan_args(p: argparse.ArgumentParser, drop_path_default: Optional[float]) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up the project's virtual environment (.venv, reused when current) and run a job in it.
 #   bash scripts/run.sh demo    inspect, patch and export the built-in example model
-#   bash scripts/run.sh test    the test suite
+#   bash scripts/run.sh test    ruff, mypy and the test suite
 #   bash scripts/run.sh bench   the benchmarks (slow)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,6 +39,9 @@ case "$job" in
     "$venv/bin/regsurgery" export "$out/example_patched.pt" --onnx "$out/example.onnx"
     ;;
   test)
+    # Lint and types first (seconds), then the suite.
+    "$venv/bin/ruff" check regsurgery tests benchmarks examples
+    "$venv/bin/mypy" regsurgery
     exec "$venv/bin/python" -m pytest -q "$@"
     ;;
   bench)

@@ -23,7 +23,7 @@ import math
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -134,7 +134,7 @@ def is_activation_node(node: fx.Node, root: nn.Module) -> bool:
     key = (node.op, node.target, repr(rest), repr(sorted(kwargs.items())))
     if key not in _probe_cache:
         if node.op == "call_function":
-            target = node.target
+            target: Any = node.target
             _probe_cache[key] = _probe(lambda x: target(x, *rest, **kwargs))
         else:
             name = str(node.target)
@@ -184,7 +184,7 @@ def find_mlp_sites(
 ) -> list[MlpSite]:
     """Every hidden MLP activation of a model (or of given block graphs), in graph order."""
     if isinstance(model_or_blocks, nn.Module):
-        items = iter_block_graphs(require_module(model_or_blocks), chains=True)
+        items: Iterable[Union[BlockGraph, TraceFailure]] = iter_block_graphs(require_module(model_or_blocks), chains=True)
     else:
         items = model_or_blocks
     sites: list[MlpSite] = []

@@ -276,7 +276,7 @@ class _Costs:
             return 1
         if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)):
             stride = m.stride if isinstance(m.stride, (tuple, list)) else (m.stride,)
-            return -1 if any(int(st or 1) > 1 for st in stride) else 0
+            return -1 if any(int(st or 1) > 1 for st in stride) else 0  # type: ignore[call-overload, arg-type]
         if next(m.children(), None) is None and not _has_weighted_layer(m):
             return 0
         self.module_depth(m)
@@ -675,7 +675,7 @@ def _classify_add(
             continue
         kxk = False
         if shortcut in flow.data_ancestors[branch]:
-            source, chain, chain_weight, kind = shortcut, [], 0.0, "identity"
+            source, chain, chain_weight, kind = shortcut, [], 0.0, "identity"  # type: ignore[var-annotated]
         else:
             why: list[str] = []
             found = _projection_chain(shortcut, branch, flow, root, costs, why)
@@ -734,7 +734,7 @@ def _classify_add(
         candidates.append(cand)
     if not candidates:
         return None
-    return max(candidates, key=lambda c: c["branch_weight"])
+    return max(candidates, key=lambda c: float(c["branch_weight"]))  # type: ignore[arg-type]
 
 
 def _block_key(body: list[fx.Node], root: nn.Module) -> str:

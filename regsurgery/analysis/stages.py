@@ -323,7 +323,7 @@ def _classify(
     H, W = in1
     if len(shape) == 3:
         fm.kind = "tokens"
-        if two and shape2[1] == shape[1] and shape2[2] != shape[2]:
+        if two and shape2 is not None and shape2[1] == shape[1] and shape2[2] != shape[2]:
             fm.note = "the last dim follows the input: (N, C, L) sequence"
             return fm
         fm.reduction, fm.prefix = _token_grid(shape[1], H, W)
@@ -424,7 +424,7 @@ def _classify_3d(call: ModuleCall, batch: int, vol: tuple[int, int, int]) -> Opt
     if all(d == 1 for d in size) and any(D > 1 for D in vol):
         fm.kind, fm.note = "fixed", "1x1x1 map taken as pooled"
         return fm
-    fm.kind, fm.layout, fm.reductions, fm.reduction = "map", layout, rs, max(rs)  # type: ignore[assignment]
+    fm.kind, fm.layout, fm.reductions, fm.reduction = "map", layout, rs, max(rs)  # type: ignore[assignment, type-var]
     fm.size, fm.channels = size, int(ch)  # type: ignore[assignment]
     return fm
 
@@ -638,7 +638,7 @@ def _assign_sites(stages: list[ConvStage], maps: list[FeatureMap], sites: list[A
     stage_of = {(s.reductions if s.dims == 3 else (s.reduction,)): s for s in stages}
     outside = []
     for site in sites:
-        fm = first.get(getattr(site, "scope", None))
+        fm = first.get(str(getattr(site, "scope", "")))
         stage = stage_of.get(_stage_key(fm)) if fm is not None and fm.kind == "map" else None
         if stage is None:
             outside.append(site)

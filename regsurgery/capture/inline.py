@@ -59,7 +59,7 @@ _CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 
 def is_inline_policy(policy: Optional[str]) -> bool:
-    return bool(policy) and (policy == INLINE or policy.startswith(INLINE + ":"))
+    return policy is not None and (policy == INLINE or policy.startswith(INLINE + ":"))
 
 
 def inline_policy(leaves: list[str]) -> str:
@@ -402,7 +402,8 @@ def call_adapter(module: nn.Module, spec: dict[str, Any], fn: Callable[..., Any]
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if (getattr(self, "gradient_checkpointing", False) is True and torch.is_grad_enabled()
                 and callable(getattr(self, "_gradient_checkpointing_func", None))):
-            return self._gradient_checkpointing_func(functools.partial(run, self, **kwargs), *args)
+            checkpointed: Callable[..., Any] = self._gradient_checkpointing_func  # type: ignore[assignment]
+            return checkpointed(functools.partial(run, self, **kwargs), *args)
         return run(self, *args, **kwargs)
 
     return forward

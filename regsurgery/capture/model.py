@@ -93,7 +93,8 @@ class ModelCapture:
             if not spec or "inline" not in spec:
                 raise ValueError(f"scope {scope!r} was captured inline on example arguments; pass them")
             real = getattr(item, "inline_args", None)  # the recorded call, when in memory
-            block = trace_inline(module, scope, *(real or inline_example(spec, module)),
+            args, kwargs = real or inline_example(spec, module)
+            block = trace_inline(module, scope, args, kwargs,
                                  leaves=tuple(inline_leaves(policy or "inline")), spec=spec)
             self._by_scope[scope] = block
             return block

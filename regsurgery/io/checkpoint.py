@@ -144,7 +144,7 @@ def _torch_load(path: str, trust_pickle: bool) -> Any:
             raise CheckpointError(f"{path}: not a readable checkpoint (corrupt?): {_short(e)}") from e
         if not trust_pickle:
             what = (f" (it references {found.group(1)})" if found
-                    else f" (it uses pickle opcode {opcode.group(1)}, which the safe loader does not read)")
+                    else f" (it uses pickle opcode {opcode.group(1) if opcode else '?'}, which the safe loader does not read)")
             raise UnsafeCheckpointError(
                 f"{path} holds pickled Python objects, not just weights{what}; loading it means "
                 f"unpickling, which can run arbitrary code from the file, so torch.load(weights_only=True) "
@@ -212,7 +212,7 @@ def extract_state_dict(obj: Any, source: str = "checkpoint", key: Optional[str] 
                 raise CheckpointError(f"{source}: no {key!r} entry; top-level keys: {_names(obj)}")
             nxt = key
         else:
-            nxt = next((k for k in WRAPPER_KEYS if k in obj and obj[k] is not None), None)
+            nxt = next((k for k in WRAPPER_KEYS if k in obj and obj[k] is not None), None)  # type: ignore[assignment]
         if nxt is None:
             raise CheckpointError(
                 f"{source}: no weights found; expected tensors at the top level or under "

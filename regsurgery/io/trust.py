@@ -203,7 +203,7 @@ def _check_op(i: int, op: Any, model: Optional[nn.Module], where: str) -> None:
     if kind not in _PARAMS:
         raise UntrustedFileError(f"{w} has unknown kind {kind!r}; a file may ask for {', '.join(_PARAMS)}")
     for name, types in _OP_FIELDS.items():
-        if name in op and (type(op[name]) is bool or not isinstance(op[name], types)):
+        if name in op and (type(op[name]) is bool or not isinstance(op[name], types)):  # type: ignore[arg-type]
             raise UntrustedFileError(f"{w} ({kind}): field {name!r} has the wrong type ({op[name]!r})")
     scope = op.get("scope", "")
     if "scope" not in op or not _NAME.match(scope):

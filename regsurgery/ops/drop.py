@@ -77,7 +77,7 @@ def check_rate(name: str, value: Any, *, echo_name: bool = False, convert: bool 
         shown = f"{name}={value!r}" if echo_name else repr(value)
         raise RateTypeError(f"{name} must be a real number in [0, 1], got {shown} "
                             f"({type(value).__name__}, not a number)")
-    if not (0.0 <= value <= 1.0):  # also rejects NaN
+    if not (0.0 <= value <= 1.0):  # type: ignore[operator]  # also rejects NaN
         shown = f"{name}={value!r}" if echo_name else repr(value)
         raise ValueError(f"{name} must be in [0, 1], got {shown}")
     return float(value) if convert else value

@@ -63,5 +63,5 @@ def with_zero_grads(out: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.
     needing = [q for q in params if q.requires_grad and q.numel() > 0]
     if not needing:
         return out
-    zero = sum(q.reshape(-1)[0] * 0.0 for q in needing)
+    zero = sum((q.reshape(-1)[0] * 0.0 for q in needing), torch.zeros((), device=out.device))
     return out + zero.to(out.dtype)

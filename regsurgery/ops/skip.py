@@ -196,7 +196,7 @@ class SkipDropPath(DropPath):
         branch = functools.partial(fn, owner)
         # An optional input (default None) given a tensor at run time may be per-sample: mask.
         row_safe = not any(isinstance(extras[i], torch.Tensor) for i in self._checked_extras)
-        params = [owner.get_parameter(name) for name in self.branch_params]
+        params = [owner.get_parameter(name) for name in self.branch_params]  # type: ignore[union-attr]
         return self._impl(shortcut, source, branch, self.p, self.training, self.mode,
                           self.scale_by_keep, extras, None, row_safe, params)
 

@@ -91,6 +91,7 @@ def _train_forward_of(block: nn.Module) -> Callable[..., Any]:
     if fn is None:  # unpickled: regenerate the rewritten graph's code from the stored ops
         _rebuild(block, state)
         fn = state.train_forward
+    assert fn is not None
     return fn
 
 
@@ -273,7 +274,7 @@ def _set_slot_rate(model: nn.Module, op: PlannedOp) -> None:
     setattr(module, attr, p)
     if params.mode is not None and hasattr(module, "mode") and isinstance(module.mode, str):
         _root_slots(model).setdefault(name + "#mode", ("mode", module.mode))
-        module.mode = params.mode
+        module.mode = params.mode  # type: ignore[assignment]
 
 
 def _prepare_block(
@@ -294,7 +295,7 @@ def _prepare_block(
     for op in ops:
         module = old.modules.get(op.key) if old else None
         if module is not None:
-            module.p = check_rate(f"p of {op.kind} at {scope or '<root>'}:{op.anchor}", op.params.p)
+            module.p = check_rate(f"p of {op.kind} at {scope or '<root>'}:{op.anchor}", op.params.p)  # type: ignore[assignment]
         else:
             module = _make_module(op)
         modules[op.key] = module
@@ -326,8 +327,9 @@ def _rebuild(block: nn.Module, state: _PatchState, graph: Optional[fx.Graph] = N
     policy = getattr(ops[0].params, "trace_policy", None) if ops else None
     spec = getattr(ops[0].params, "trace_example", None) if ops else None
     if graph is None and is_inline_policy(policy):  # captured on its recorded arguments
-        graph = trace_inline(block, scope, *inline_example(spec, block),
-                             leaves=tuple(inline_leaves(policy)), spec=spec).graph
+        args, kwargs = inline_example(spec or {}, block)
+        graph = trace_inline(block, scope, args, kwargs,
+                             leaves=tuple(inline_leaves(policy or "")), spec=spec).graph
     elif graph is None:  # a plan from a file, a block patched before, or an unpickled one
         graph = trace_block(block, scope, policy=policy,
                             example=example_from_spec(spec, block) if spec else None).graph
@@ -336,7 +338,7 @@ def _rebuild(block: nn.Module, state: _PatchState, graph: Optional[fx.Graph] = N
         target for target, op in named if op.kind == "drop_path" and not _is_skip(op)})
     train_forward, state.source = _compile_forward(graph, scope)
     if is_inline_policy(policy):
-        train_forward = call_adapter(block, spec, train_forward, scope)
+        train_forward = call_adapter(block, spec or {}, train_forward, scope)
     state.train_forward = train_forward
     for op in ops:
         if _is_skip(op):
@@ -442,7 +444,7 @@ def plan_of(model: nn.Module) -> Plan:
         state: Optional[_PatchState] = m.__dict__.get(_STATE)
         if state is not None:
             for op in state.ops:
-                live = dataclasses.replace(op.params, p=float(state.modules[op.key].p))
+                live = dataclasses.replace(op.params, p=float(state.modules[op.key].p))  # type: ignore[arg-type]
                 ops.append(dataclasses.replace(op, params=live))
     for key, (attr, _orig) in (model.__dict__.get(_SLOTS) or {}).items():
         if "#" in key:
