@@ -326,6 +326,7 @@ class _Resolved:
     recipe: Optional[dict[str, Any]]
     patched_file: Optional[str]
     input_shape: tuple[int, ...]
+    example: Optional[torch.Tensor] = None  # a model's own example (HF token ids), else random
 
     @property
     def inputs(self) -> list[Optional[str]]:
@@ -333,7 +334,24 @@ class _Resolved:
 
 
 def _looks_like_file(model: str) -> bool:
+    if _is_hf_dir(model):
+        return False
     return os.path.exists(model) or (":" not in model and model.lower().endswith(_CHECKPOINT_SUFFIXES))
+
+
+def _is_hf_dir(model: str) -> bool:
+    """A local HuggingFace model directory (``save_pretrained`` output): read as ``hf:DIR``."""
+    return os.path.isdir(model) and os.path.isfile(os.path.join(model, "config.json"))
+
+
+def _own_example(model: nn.Module) -> Optional[torch.Tensor]:
+    """The main input of a model that declares one (HF ``dummy_inputs[main_input_name]``: token ids,
+    pixel values or audio), so that models fed integers get integers."""
+    dummy = getattr(model, "dummy_inputs", None)
+    name = getattr(model, "main_input_name", None)
+    if isinstance(dummy, dict) and isinstance(name, str) and isinstance(dummy.get(name), torch.Tensor):
+        return dummy[name].detach().clone()
+    return None
 
 
 def _resolve(args: argparse.Namespace, apply_stored_plan: bool) -> _Resolved:
@@ -358,7 +376,8 @@ def _resolve(args: argparse.Namespace, apply_stored_plan: bool) -> _Resolved:
             plan_from_recipe(recipe, model, patched_file)  # refuse a bad plan whatever the command
         spec, kwargs = recipe["model"], dict(recipe.get("kwargs") or {})
     else:
-        spec, kwargs = args.model, parse_kwargs(args.kwargs)
+        spec = f"hf:{args.model}" if _is_hf_dir(args.model) else args.model
+        kwargs = parse_kwargs(args.kwargs)
         model = build_model(spec, kwargs)
         if getattr(args, "checkpoint", None):
             state_dict = load_state_dict_file(args.checkpoint, trust_pickle=args.trust_pickle,
@@ -366,13 +385,16 @@ def _resolve(args: argparse.Namespace, apply_stored_plan: bool) -> _Resolved:
             load_weights_into(model, state_dict, source=args.checkpoint)
         elif getattr(args, "checkpoint_key", None):
             raise UsageError("--checkpoint-key needs --checkpoint")
+    own = None if args.input_shape else _own_example(model)
     if args.input_shape:
         shape = tuple(args.input_shape)
+    elif own is not None:
+        shape = tuple(own.shape)
     elif recipe and recipe.get("input_shape"):
         shape = tuple(int(s) for s in recipe["input_shape"])
     else:
         shape = default_input_shape(model, spec)
-    return _Resolved(model, spec, kwargs, recipe, patched_file, shape)
+    return _Resolved(model, spec, kwargs, recipe, patched_file, shape, own)
 
 
 def _example(shape: tuple[int, ...], batch: Optional[int] = None) -> torch.Tensor:
@@ -381,10 +403,20 @@ def _example(shape: tuple[int, ...], batch: Optional[int] = None) -> torch.Tenso
     return torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
 
+def _example_of(r: _Resolved, batch: Optional[int] = None) -> torch.Tensor:
+    """The model's own example (repeated to ``batch`` rows) or a random one of ``r.input_shape``."""
+    if r.example is None:
+        return _example(r.input_shape, batch)
+    x = r.example
+    if batch is not None and x.shape[0] < batch:
+        x = x.repeat(-(-batch // x.shape[0]), *([1] * (x.dim() - 1)))[:batch]
+    return x
+
+
 def _checked_example(r: _Resolved) -> torch.Tensor:
     """The example input for ``r.input_shape``, after one eval forward showed the model takes it:
     a wrong ``--input-shape`` fails here, naming the shape given and the one expected."""
-    x = _example(r.input_shape)
+    x = _example_of(r)
     check_example_input(r.model, x)
     return x
 
@@ -563,14 +595,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     with Progress(total=4, desc="inspect") as bar:
         bar.step("building the model")
         r = _resolve(args, apply_stored_plan=False)
-        x = _example(r.input_shape)
+        x = _example_of(r)
         bar.step("finding residual sites")
         report = residual_report(r.model, x, force=[p for p in args.include or [] if ":" in p])
         sites = report.sites
         bar.step("finding conv stages")
-        stages = _call_accepting(find_conv_stages, r.model, x, optional={"sites": sites})
+        try:
+            stages = _call_accepting(find_conv_stages, r.model, x, optional={"sites": sites})
+        except ValueError as e:  # no image input (token ids, audio): no conv stages, say why
+            if args.drop_block:
+                raise
+            stages = []
+            stage_note = f"no conv stages: {str(e).splitlines()[0][:160]}"
+        else:
+            stage_note = ""
         bar.step("planning")
-        notes: list[str] = []
+        notes: list[str] = [stage_note] if stage_note else []
         plan = (plan_from_recipe(r.recipe, r.model, r.patched_file or "recipe") if r.recipe
                 else _make_plan(r.model, args, x, sites, notes))
     rows = _site_rows(sites, stages, plan)
@@ -672,7 +712,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
         apply_plan(trial, plan)
         trial.train()
         with torch.no_grad():
-            trial(_example(r.input_shape, batch=2))
+            trial(_example_of(r, batch=2))
         del trial
         bar.step("writing")
         recipe = {

@@ -406,3 +406,44 @@ def test_hf_patched_model_pickles_and_stays_regularized():
     back.eval()
     model.eval()
     assert torch.equal(back(**inputs).last_hidden_state, model(**inputs).last_hidden_state)
+
+
+def test_cli_takes_a_local_hf_directory(tmp_path, capsys):
+    """inspect, patch and export on a save_pretrained directory given as MODEL (a bare path or hf:DIR)."""
+    from regsurgery.cli import main
+
+    model = T.BertModel(T.BertConfig(vocab_size=100, **H))
+    model.save_pretrained(tmp_path / "bert")
+    directory = str(tmp_path / "bert")
+    assert main(["inspect", directory, "--drop-path", "0.1", "--format", "json"]) == 0
+    import json
+
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["sites"]) == 2 * model.config.num_hidden_layers
+    out = tmp_path / "bert_patched.pt"
+    assert main(["patch", f"hf:{directory}", "--drop-path", "0.1", "--out", str(out)]) == 0
+    onnx_path = tmp_path / "bert.onnx"
+    assert main(["export", str(out), "--onnx", str(onnx_path)]) == 0
+    assert onnx_path.exists()
+    loaded = rs.load(str(out))
+    assert len(rs.inserted_modules(loaded)) == 2 * model.config.num_hidden_layers
+
+
+def test_plan_file_inline_example_names_no_code(tmp_path):
+    """An inline trace_example in a file holds shapes, dtypes and constants; a 'dtype' naming any
+    other torch attribute (a function) is refused before anything is built from it."""
+    from regsurgery.io.trust import UntrustedFileError, validate_plan_ops
+    from regsurgery.plan import PLAN_FORMAT
+
+    def plan_with(desc):
+        return {"format": PLAN_FORMAT, "meta": {}, "ops": [{
+            "kind": "drop_path", "scope": "encoder.layer.0", "anchor": "a", "user": "b", "role": "branch",
+            "depth": 0, "site": 0, "params": {"p": 0.1, "trace_policy": "inline",
+                                              "trace_example": {"inline": {"x": desc}, "npos": 1}}}]}
+
+    validate_plan_ops(plan_with({"shape": [2, 3], "dtype": "float32"}))
+    validate_plan_ops(plan_with({"repr": "torch.float16", "kind": "dtype"}))
+    for bad in ({"repr": "torch.load", "kind": "dtype"}, {"repr": "os.system", "kind": "device"},
+                {"shape": [2], "dtype": "float32", "code": "x"}, {"seq": [{"value": {"a": object}}], "tuple": True}):
+        with pytest.raises(UntrustedFileError):
+            validate_plan_ops(plan_with(bad))

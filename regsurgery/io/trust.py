@@ -161,6 +161,9 @@ _NAME = re.compile(r"^[A-Za-z0-9_.]*$")
 def _check_example_spec(spec: Any, where: str) -> None:
     if spec is None:
         return
+    if type(spec) is dict and "inline" in spec:
+        _check_inline_spec(spec, where)
+        return
     if type(spec) is not dict or set(spec) - {"args", "kwargs"}:
         raise UntrustedFileError(f"{where}: trace_example must be {{'args': [...], 'kwargs': {{...}}}}")
     items = list(enumerate(spec.get("args") or [])) + list((spec.get("kwargs") or {}).items())
@@ -176,6 +179,47 @@ def _check_example_spec(spec: Any, where: str) -> None:
             if set(d) - {"value", "tuple"}:
                 raise UntrustedFileError(f"{w}: unknown fields {sorted(set(d) - {'value', 'tuple'})}")
             _check_plain(d.get("value"), w)
+
+
+_ARG_NAME = re.compile(r"^\*{0,2}[A-Za-z_][A-Za-z0-9_]*$")
+_DEVICE = re.compile(r"^(cpu|cuda|mps|xpu|meta)(:[0-9]+)?$")
+
+
+def _check_inline_value(d: Any, where: str, depth: int = 0) -> None:
+    """One argument of an inline capture spec: a tensor's shape and dtype, a dtype or device by
+    name, a JSON constant, or a short sequence of those (nothing that names code)."""
+    if type(d) is not dict or depth > 8:
+        raise UntrustedFileError(f"{where} must be a dict describing one argument")
+    keys = set(d)
+    if keys == {"shape", "dtype"}:
+        if d["dtype"] not in _DTYPES:
+            raise UntrustedFileError(f"{where}: dtype must be one of {_DTYPES}, got {d['dtype']!r}")
+        check_input_shape(d["shape"], where)
+    elif keys == {"repr", "kind"}:
+        ok = ((d["kind"] == "dtype" and d["repr"] in {f"torch.{n}" for n in _DTYPES})
+              or (d["kind"] == "device" and isinstance(d["repr"], str) and _DEVICE.match(d["repr"])))
+        if not ok:
+            raise UntrustedFileError(f"{where}: {d!r} is not a dtype or device name")
+    elif keys == {"value"}:
+        _check_plain(d["value"], where)
+    elif keys == {"seq", "tuple"}:
+        if type(d["seq"]) is not list or len(d["seq"]) > 64 or type(d["tuple"]) is not bool:
+            raise UntrustedFileError(f"{where}: a sequence is {{'seq': [...], 'tuple': true|false}}")
+        for i, item in enumerate(d["seq"]):
+            _check_inline_value(item, f"{where}[{i}]", depth + 1)
+    else:
+        raise UntrustedFileError(f"{where}: unknown argument description with fields {sorted(keys)}")
+
+
+def _check_inline_spec(spec: dict[str, Any], where: str) -> None:
+    if set(spec) != {"inline", "npos"} or type(spec["inline"]) is not dict:
+        raise UntrustedFileError(f"{where}: an inline trace_example is {{'inline': {{...}}, 'npos': N}}")
+    if type(spec["npos"]) is not int or not 0 <= spec["npos"] <= len(spec["inline"]):
+        raise UntrustedFileError(f"{where}: npos must be an integer in [0, {len(spec['inline'])}]")
+    for name, d in spec["inline"].items():
+        if not isinstance(name, str) or not _ARG_NAME.match(name):
+            raise UntrustedFileError(f"{where}: {name!r} is not an argument name")
+        _check_inline_value(d, f"{where}: trace_example[{name!r}]")
 
 
 def _rate_slot_attr(module: nn.Module) -> Optional[str]:
