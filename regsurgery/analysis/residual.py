@@ -55,6 +55,7 @@ from ..capture.fx import (
 )
 from ..capture.inline import inline_policy, is_inline_policy, site_owner_scope
 from ..capture.model import ModelCapture, capture_model
+from ..capture.session import tracing_session
 from ..ops.slots import rate_attr
 
 __all__ = [
@@ -871,7 +872,8 @@ def residual_report(
     traced = 0
     depth_of: dict[str, int] = {}
     costs = _Costs(capture)
-    found = _inline_aware_sites(items, capture, costs)
+    with tracing_session():  # children captured on demand share fx's patching
+        found = _inline_aware_sites(items, capture, costs)
     used: set[str] = set()
     for item in items:
         if isinstance(item, TraceFailure):

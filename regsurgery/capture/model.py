@@ -60,6 +60,7 @@ class ModelCapture:
     items: list[Item]
     _by_scope: dict[str, Item] = field(default_factory=dict, repr=False)
     _by_module: dict[int, BlockGraph] = field(default_factory=dict, repr=False)
+    _failed: dict[int, Exception] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for item in self.items:
@@ -110,7 +111,14 @@ class ModelCapture:
         block only captured specialized on its arguments. Raises what tracing raises."""
         item = self._by_module.get(id(module))
         if item is None:
-            item = trace_block(module)
+            failed = self._failed.get(id(module))
+            if failed is not None:
+                raise failed
+            try:
+                item = trace_block(module)
+            except Exception as exc:  # remembered: a module that does not trace is asked about often
+                self._failed[id(module)] = exc
+                raise
             self._by_module[id(module)] = item
         if item.example is not None:
             return None
