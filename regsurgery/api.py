@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -27,6 +26,7 @@ from .plan import (
     SetRateParams,
     check_rate,
     depth_rates,
+    pattern_list,
     scope_selected,
 )
 from .rewrite.apply import apply_plan, is_patched, strip
@@ -83,7 +83,7 @@ def plan_stochastic_depth(
         raise ValueError(f"mode must be one of {DROP_PATH_MODES}, got {mode!r}")
     if depth not in DEPTH_MODES:
         raise ValueError(f"depth must be one of {DEPTH_MODES}, got {depth!r}")
-    site_patterns = [p for p in _pattern_list(include) if ":" in p]
+    site_patterns = [p for p in pattern_list("include", include) if ":" in p]
     report: Optional[SiteReport] = None
     if sites is None:
         report = residual_report(capture if capture is not None else capture_model(model, example_inputs),
@@ -103,7 +103,7 @@ def plan_stochastic_depth(
     selected = 0
     fallbacks: list[dict[str, str]] = []
     for site, site_depth in zip(all_sites, site_depths):
-        if not _site_selected(site, include, exclude):
+        if not scope_selected(site.scope, include, exclude, add=site.add):
             continue
         selected += 1
         p = rates[site_depth]
@@ -188,31 +188,6 @@ def _site_batch_dims(
         found = batch_dims(capture.block(scope, policy), [s.branch for s in group], calls.get(scope))
         out.update({s.index: found.get(s.branch, 0) for s in group})
     return out
-
-
-def _pattern_list(patterns: Patterns) -> list[str]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        return [patterns]
-    items = list(patterns)
-    if not all(isinstance(p, str) for p in items):
-        raise ValueError(f"include must be a scope pattern or a list of them, got {patterns!r}")
-    return items
-
-
-def _site_selected(site: ResidualSite, include: Patterns, exclude: Patterns) -> bool:
-    """Scope patterns as :func:`scope_selected`; a pattern with a colon names one add
-    (``"scope:addnode"``, the key ``residual_report`` shows for rejected adds)."""
-    inc, exc = _pattern_list(include), _pattern_list(exclude)
-    key = f"{site.scope}:{site.add}"
-
-    def hit(patterns: list[str]) -> bool:
-        return any(fnmatch.fnmatchcase(key, p) if ":" in p else scope_selected(site.scope, p) for p in patterns)
-
-    if inc and not hit(inc):
-        return False
-    return not (exc and hit(exc))
 
 
 def _no_sites_message(model: nn.Module, report: Optional[SiteReport]) -> str:

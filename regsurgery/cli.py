@@ -595,7 +595,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     with Progress(total=4, desc="inspect") as bar:
         bar.step("building the model")
         r = _resolve(args, apply_stored_plan=False)
-        x = _example_of(r)
+        x = _checked_example(r)  # a wrong --input-shape fails here, naming the expected one
         bar.step("finding residual sites")
         report = residual_report(r.model, x, force=[p for p in args.include or [] if ":" in p])
         sites = report.sites

@@ -259,17 +259,28 @@ def _patterns(name: str, value: Union[None, str, Sequence[str]]) -> Optional[lis
     return items
 
 
+def pattern_list(name: str, value: Union[None, str, Sequence[str]]) -> list[str]:
+    """Scope patterns as a list (``[]`` for None); anything but strings is a ValueError naming ``name``."""
+    return _patterns(name, value) or []
+
+
 def scope_selected(
     scope: str,
     include: Union[None, str, Sequence[str]] = None,
     exclude: Union[None, str, Sequence[str]] = None,
+    *,
+    add: Optional[str] = None,
 ) -> bool:
     """Does ``scope`` pass the filters? Patterns are shell-style (``layer3.*``, ``blocks.1?``);
-    a pattern also selects everything below a scope it names (``layer3`` selects ``layer3.0``)."""
+    a pattern also selects everything below a scope it names (``layer3`` selects ``layer3.0``).
+    A pattern with a colon names one add, ``"scope:addnode"`` (the key ``residual_report`` shows
+    for sites and rejected adds): it matches only when ``add`` is given."""
 
     def hit(patterns: list[str]) -> bool:
         return any(
-            fnmatch.fnmatchcase(scope, p) or fnmatch.fnmatchcase(scope, p + ".*") for p in patterns
+            (add is not None and fnmatch.fnmatchcase(f"{scope}:{add}", p)) if ":" in p
+            else fnmatch.fnmatchcase(scope, p) or fnmatch.fnmatchcase(scope, p + ".*")
+            for p in patterns
         )
 
     inc = _patterns("include", include)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import itertools
-import linecache
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -49,6 +47,7 @@ from ..plan import (
     SetRateParams,
     check_rate,
 )
+from .codegen import compile_graph
 from .forwards import new_forward, set_template
 from .layerdrop import has_layerdrop, set_inner_forward, strip_layerdrop
 from .skip import bind_skip_module, insert_skip, make_skip_module
@@ -57,7 +56,6 @@ __all__ = ["apply_plan", "strip", "is_patched", "inserted_modules", "patched_sco
 
 _STATE = "_regsurgery_patch"  # per-block patch state (instance attribute)
 _SLOTS = "_regsurgery_slots"  # on the root: original rates of existing slots we changed
-_counter = itertools.count()
 _SHORT = {"drop_path": "dp", "drop_block": "db", "dropout": "do"}  # child names: dp0, db0, do0
 
 
@@ -145,13 +143,7 @@ def _is_skip(op: PlannedOp) -> bool:
 
 
 def _compile_forward(graph: fx.Graph, scope: str) -> tuple[Callable[..., Any], str]:
-    code = graph.python_code(root_module="self")
-    filename = f"<regsurgery train forward of {scope or 'root'} #{next(_counter)}>"
-    # Register the source so tracebacks and debuggers can show the generated lines.
-    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
-    namespace = dict(code.globals)
-    exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - fx-generated code
-    return namespace["forward"], code.src
+    return compile_graph(graph, f"train forward of {scope or 'root'}")
 
 
 def _insert_ops(graph: fx.Graph, scope: str, ops: list[tuple[str, PlannedOp]]) -> None:

@@ -7,7 +7,6 @@ The analysis of what can be cut is :mod:`regsurgery.analysis.skip`; the op is
 from __future__ import annotations
 
 import itertools
-import linecache
 import types
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -19,6 +18,7 @@ from torch import nn
 from ..analysis.skip import NotSkippable, branch_parts, optional_input
 from ..ops.skip import SkipDropPath, code_copy, skip_drop_path
 from ..plan import DropPathParams, PlannedOp
+from .codegen import compile_graph
 
 __all__ = ["make_skip_module", "insert_skip", "bind_skip_module"]
 
@@ -89,12 +89,7 @@ def insert_skip(graph: fx.Graph, target: str, op: PlannedOp, anchor: fx.Node, us
 
 
 def _compile_branch(graph: fx.Graph, label: str) -> tuple[Callable[..., torch.Tensor], str]:
-    code = graph.python_code(root_module="self")
-    filename = f"<regsurgery skip branch {label} #{next(_counter)}>"
-    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
-    namespace = dict(code.globals)
-    exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - fx-generated code
-    return namespace["forward"], code.src
+    return compile_graph(graph, f"skip branch {label}")
 
 
 def _branch_params(block: nn.Module, graph: fx.Graph) -> tuple[str, ...]:
