@@ -28,6 +28,7 @@ counts the conv and linear layers inside it (at least 1 if it holds any layer th
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import operator
@@ -148,7 +149,7 @@ class RejectedAdd:
     rule: str
     reason: str
     branch_weight: float = 0.0
-    candidate: Optional[dict[str, Any]] = field(default=None, repr=False)
+    candidate: Optional[ResidualSite] = field(default=None, repr=False)  # the site it would be
 
     @property
     def key(self) -> str:
@@ -776,8 +777,9 @@ def _block_key(body: list[fx.Node], root: nn.Module) -> str:
 
 def analyse_block(
     block: BlockGraph, costs: Optional[_Costs] = None, rejected: Optional[list[RejectedAdd]] = None,
-) -> list[dict[str, Any]]:
-    """The residual adds in one block graph, in graph order, as plain dicts (no index/depth yet).
+) -> list[ResidualSite]:
+    """The residual adds in one block graph, in graph order (``index`` -1 and ``depth`` 0: the
+    report numbers them).
 
     Only adds of the block's own forward count: with the "library" leaf policy the graph also
     holds inlined children, whose adds are found when those children are analysed themselves.
@@ -812,16 +814,17 @@ def analyse_block(
     return found
 
 
-def _site_info(block: BlockGraph, node: fx.Node, info: dict[str, Any]) -> dict[str, Any]:
-    info = dict(info)
+def _site_info(block: BlockGraph, node: fx.Node, info: dict[str, Any]) -> ResidualSite:
+    """The site record of a classified add (``info``: the candidate :func:`_classify_add` built)."""
     existing, attr = _existing_slot(info["branch"], block.module, block.scope)
     key = _block_key([n for n in block.graph.nodes if n.name in set(info["branch_nodes"])], block.module)
-    info.update(
-        add=node.name, branch=info["branch"].name, shortcut=info["shortcut"].name,
-        existing=existing, existing_attr=attr, trace_policy=block.policy,
-        trace_example=block.example, block=qualified(block.scope, key),
+    return ResidualSite(
+        scope=block.scope, index=-1, depth=0, add=node.name, branch=info["branch"].name,
+        shortcut=info["shortcut"].name, branch_operand=int(info["branch_operand"]), kind=str(info["kind"]),
+        branch_nodes=list(info["branch_nodes"]), shortcut_nodes=list(info["shortcut_nodes"]),
+        branch_weight=float(info["branch_weight"]), existing=existing, existing_attr=attr,
+        trace_policy=block.policy, trace_example=block.example, block=qualified(block.scope, key),
     )
-    return info
 
 
 def _rejection(block: BlockGraph, node: fx.Node, reasons: list[tuple[str, str, float, Optional[dict]]]) -> RejectedAdd:
@@ -829,9 +832,8 @@ def _rejection(block: BlockGraph, node: fx.Node, reasons: list[tuple[str, str, f
     if not reasons:
         return RejectedAdd(block.scope, node.name, "no-shortcut", "no operand reading applies")
     rule, reason, weight, cand = max(reasons, key=lambda r: (r[3] is not None, r[2]))
-    if cand is not None:
-        cand = _site_info(block, node, cand)
-    return RejectedAdd(block.scope, node.name, rule, reason, weight, cand)
+    site = _site_info(block, node, cand) if cand is not None else None
+    return RejectedAdd(block.scope, node.name, rule, reason, weight, site)
 
 
 def residual_report(
@@ -891,10 +893,11 @@ def residual_report(
                 rejected.append(r)
         if forced:
             order = {n.name: i for i, n in enumerate(block.graph.nodes)}
-            infos = sorted([*infos, *(dict(r.candidate, forced=True) for r in forced)],
-                           key=lambda i: order[i["add"]])
+            infos = sorted([*infos, *(dataclasses.replace(r.candidate, forced=True) for r in forced
+                                      if r.candidate is not None)],
+                           key=lambda s: order[s.add])
         for info in infos:
-            sites.append(ResidualSite(scope=item.scope, index=len(sites), depth=0, **info))
+            sites.append(dataclasses.replace(info, scope=item.scope, index=len(sites), depth=0))
     # Residual blocks inside a context generator beside the stream (GCViT's global-query
     # generator) do not do the stream's work: rejected, and forceable by name.
     side: set[str] = set()
@@ -912,7 +915,7 @@ def residual_report(
                 used.update(p for p in patterns if fnmatch.fnmatchcase(f"{site.scope}:{site.add}", p))
                 site.forced = True
                 continue
-            cand = {k: getattr(site, k) for k in site.__dataclass_fields__ if k not in ("scope", "index", "depth")}
+            cand = dataclasses.replace(site)
             rejected.append(RejectedAdd(
                 site.scope, site.add, "beside-stream",
                 "the block's output feeds other blocks only as an extra argument or a gate (a context / "
