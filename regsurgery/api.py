@@ -86,8 +86,9 @@ def plan_stochastic_depth(
     site_patterns = [p for p in pattern_list("include", include) if ":" in p]
     report: Optional[SiteReport] = None
     if sites is None:
-        report = residual_report(capture if capture is not None else capture_model(model, example_inputs),
-                                 force=site_patterns)
+        if capture is None:  # made once here: sites, skip analysis and batch dims all read it
+            capture = capture_model(model, example_inputs)
+        report = residual_report(capture, force=site_patterns)
     all_sites = sites if sites is not None else report.sites if report is not None else []
     if not all_sites:
         raise NoSitesError(_no_sites_message(model, report))

@@ -447,3 +447,12 @@ def test_plan_file_inline_example_names_no_code(tmp_path):
                 {"shape": [2], "dtype": "float32", "code": "x"}, {"seq": [{"value": {"a": object}}], "tuple": True}):
         with pytest.raises(UntrustedFileError):
             validate_plan_ops(plan_with(bad))
+
+
+def test_plan_alone_finds_the_batch_dim_of_sequence_first_layers():
+    """plan_stochastic_depth without a capture of its own makes one and uses it for the batch dim."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 64, batch_first=False, dropout=0.0), 2,
+                                enable_nested_tensor=False)
+    plan = rs.plan_stochastic_depth(enc, rate=0.5, example_inputs=torch.randn(6, 5, 32))
+    assert [op.params.batch_dim for op in plan.ops] == [1, 1, 1, 1]
