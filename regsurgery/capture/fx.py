@@ -369,25 +369,46 @@ def example_spec(args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
     return {"args": spec_args, "kwargs": spec_kwargs}
 
 
+def spec_dtype(name: Any) -> torch.dtype:
+    """The torch dtype a spec names (``"float32"``, ``"torch.int64"``); anything else, a torch
+    function included, is a ValueError: a spec names data types, never code."""
+    value = getattr(torch, str(name).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype")
+    return value
+
+
+def module_device(module: Optional[nn.Module]) -> Optional[torch.device]:
+    """The device of ``module``'s first parameter or buffer (None: none, or no module)."""
+    if module is None:
+        return None
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return first.device if first is not None else None
+
+
+def tensor_from_spec(d: dict[str, Any], g: torch.Generator, device: Optional[torch.device],
+                     bool_fill: bool = False) -> torch.Tensor:
+    """A tensor of the spec's shape and dtype: floats standard normal from ``g``, integers zero,
+    booleans ``bool_fill`` (masks all-keep when True)."""
+    dtype = spec_dtype(d["dtype"])
+    if dtype.is_floating_point:
+        t = torch.randn(d["shape"], generator=g).to(dtype)
+    elif dtype == torch.bool:
+        t = torch.full(d["shape"], bool_fill, dtype=torch.bool)
+    else:
+        t = torch.zeros(d["shape"], dtype=dtype)
+    return t.to(device) if device is not None else t
+
+
 def example_from_spec(spec: dict[str, Any], module: Optional[nn.Module] = None) -> tuple[tuple, dict]:
     """Rebuild example arguments from :func:`example_spec` (tensors drawn with a fixed seed, on
     the device of ``module``'s first parameter or buffer)."""
     g = torch.Generator().manual_seed(0)
-    device = None
-    if module is not None:
-        first = next(itertools.chain(module.parameters(), module.buffers()), None)
-        device = first.device if first is not None else None
+    device = module_device(module)
 
     def one(d: dict[str, Any]) -> Any:
         if "shape" in d:
-            dtype = getattr(torch, d["dtype"])
-            if dtype.is_floating_point:
-                t = torch.randn(d["shape"], generator=g).to(dtype)
-            elif dtype == torch.bool:
-                t = torch.zeros(d["shape"], dtype=torch.bool)
-            else:
-                t = torch.zeros(d["shape"], dtype=dtype)
-            return t.to(device) if device is not None else t
+            return tensor_from_spec(d, g, device)
         value = d["value"]
         return tuple(value) if d.get("tuple") else value
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import re
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
@@ -36,7 +35,15 @@ import torch.fx as fx
 from torch import nn
 
 from ..ops.slots import training_flags
-from .fx import BlockGraph, SpecializingTracer, TraceFailure, get_submodule
+from .fx import (
+    BlockGraph,
+    SpecializingTracer,
+    TraceFailure,
+    get_submodule,
+    module_device,
+    spec_dtype,
+    tensor_from_spec,
+)
 
 __all__ = [
     "INLINE",
@@ -158,28 +165,19 @@ def inline_spec(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
 
 def _rebuild(d: dict[str, Any], g: torch.Generator, device: Any) -> Any:
     if "shape" in d:
-        dtype = getattr(torch, d["dtype"])
-        if dtype.is_floating_point:
-            t = torch.randn(d["shape"], generator=g).to(dtype)
-        elif dtype == torch.bool:
-            t = torch.ones(d["shape"], dtype=torch.bool)
-        else:
-            t = torch.zeros(d["shape"], dtype=dtype)
-        return t.to(device) if device is not None else t
+        return tensor_from_spec(d, g, device, bool_fill=True)  # masks: keep everything
     if "seq" in d:
         items = [_rebuild(i, g, device) for i in d["seq"]]
         return tuple(items) if d.get("tuple") else items
     if "repr" in d:
-        return getattr(torch, d["repr"].replace("torch.", "")) if d["kind"] == "dtype" else torch.device(d["repr"])
+        return spec_dtype(d["repr"]) if d["kind"] == "dtype" else torch.device(d["repr"])
     return d["value"]
 
 
 def inline_example(spec: dict[str, Any], module: nn.Module) -> tuple[tuple, dict]:
     """Arguments rebuilt from :func:`inline_spec` (tensors drawn with a fixed seed)."""
     g = torch.Generator().manual_seed(0)
-    first = next(itertools.chain(module.parameters(), module.buffers()), None)
-    device = first.device if first is not None else None
-    values = {k: _rebuild(d, g, device) for k, d in spec["inline"].items()}
+    values = {k: _rebuild(d, g, module_device(module)) for k, d in spec["inline"].items()}
     return _unbind(module, values, spec["npos"])
 
 
