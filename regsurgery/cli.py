@@ -55,6 +55,7 @@ from .api import (
 from .api_dropout import DROPOUT_WHERE, plan_dropout
 from .api_layerdrop import keep_indices, prune_layers
 from .capture.examples import check_example_input
+from .capture.model import ModelCapture, capture_model
 from .io.checkpoint import (
     OutputPathError,
     atomic_output,
@@ -430,20 +431,24 @@ def _call_accepting(fn: Any, *args: Any, optional: Optional[dict[str, Any]] = No
 
 
 def _make_plan(model: nn.Module, args: argparse.Namespace, x: torch.Tensor, sites: Any = None,
-               notes: Optional[list[str]] = None) -> Any:
+               notes: Optional[list[str]] = None, capture: Optional[ModelCapture] = None) -> Any:
     """The plan the options ask for (None when every rate is 0). With ``notes`` (inspect), a part
-    that finds no place to go is noted there instead of failing the command."""
+    that finds no place to go is noted there instead of failing the command. DropPath and
+    DropBlock plan on one capture of the model (``capture``, made here when not given)."""
+    if capture is None and (args.drop_path or args.drop_block):
+        capture = capture_model(model, x)
     parts = []
     if args.drop_path:
         parts.append(lambda: _call_accepting(
             plan_stochastic_depth, model, args.drop_path, schedule=args.schedule, mode=args.mode,
             include=args.include, exclude=args.exclude,
-            optional={"sites": None if _forces(args.include) else sites, "depth": getattr(args, "depth", "blocks")},
+            optional={"sites": None if _forces(args.include) else sites, "depth": getattr(args, "depth", "blocks"),
+                      "capture": capture},
         ))
     if args.drop_block:
         parts.append(lambda: _call_accepting(
             plan_dropblock, model, args.drop_block, block_size=args.block_size, stages=_stages_of(args),
-            where=tuple(args.where), example_inputs=x, optional={"per_channel": args.per_channel},
+            where=tuple(args.where), example_inputs=x, optional={"per_channel": args.per_channel, "capture": capture},
         ))
     if getattr(args, "dropout", 0.0):
         parts.append(lambda: plan_dropout(model, args.dropout, where=tuple(args.dropout_where),
@@ -597,7 +602,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         r = _resolve(args, apply_stored_plan=False)
         x = _checked_example(r)  # a wrong --input-shape fails here, naming the expected one
         bar.step("finding residual sites")
-        report = residual_report(r.model, x, force=[p for p in args.include or [] if ":" in p])
+        capture = capture_model(r.model, x)  # one capture: sites, then the plan
+        report = residual_report(capture, force=[p for p in args.include or [] if ":" in p])
         sites = report.sites
         bar.step("finding conv stages")
         try:
@@ -612,7 +618,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         bar.step("planning")
         notes: list[str] = [stage_note] if stage_note else []
         plan = (plan_from_recipe(r.recipe, r.model, r.patched_file or "recipe") if r.recipe
-                else _make_plan(r.model, args, x, sites, notes))
+                else _make_plan(r.model, args, x, sites, notes, capture))
     rows = _site_rows(sites, stages, plan)
     stage_rows = _stage_rows(stages)
     shape = "x".join(str(s) for s in r.input_shape)
