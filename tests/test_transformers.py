@@ -456,3 +456,21 @@ def test_plan_alone_finds_the_batch_dim_of_sequence_first_layers():
                                 enable_nested_tensor=False)
     plan = rs.plan_stochastic_depth(enc, rate=0.5, example_inputs=torch.randn(6, 5, 32))
     assert [op.params.batch_dim for op in plan.ops] == [1, 1, 1, 1]
+
+
+def test_dropblock_takes_keyword_example_inputs():
+    """apply_dropblock / find_conv_stages take the HF way of calling a model: a dict of keyword arguments."""
+    torch.manual_seed(0)
+    model = T.ConvNextModel(T.ConvNextConfig(depths=[1, 1, 2, 1], hidden_sizes=[8, 16, 32, 64])).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    ref = model(pixel_values=x).last_hidden_state
+    stages = rs.find_conv_stages(model, {"pixel_values": x})
+    assert [s.reduction for s in stages][-2:] == [16, 32]
+    rs.apply_dropblock(model, rate=0.3, block_size=3, example_inputs={"pixel_values": x})
+    assert any(isinstance(m, rs.DropBlock2d) for m in rs.inserted_modules(model).values())
+    assert torch.equal(model(pixel_values=x).last_hidden_state, ref)  # eval untouched
+    model.train()
+    outs = [model(pixel_values=x).last_hidden_state for _ in range(3)]
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])
+    with pytest.raises(TypeError, match="pixel_valuez"):
+        rs.find_conv_stages(model, {"pixel_valuez": x})

@@ -473,7 +473,7 @@ def describe_feature_layout(
     """
     require_module(model)
     inferred = example_inputs is None
-    args = (infer_example_input(model),) if inferred else as_args(example_inputs)
+    args = (infer_example_input(model),) if inferred else as_args(example_inputs, model)
     pos = _image_arg(args)
     if pos is None and _volume_arg(args) is not None:
         return _describe_volume_layout(model, args, _volume_arg(args), sites,  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ forward runs it once in eval mode with hooks on every module and lists each call
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -55,14 +56,28 @@ class ModuleCall:
 # ----------------------------------------------------------------------------- example input
 
 
-def as_args(example_inputs: Any) -> tuple[Any, ...]:
+def as_args(example_inputs: Any, model: Optional[nn.Module] = None) -> tuple[Any, ...]:
+    """Positional forward arguments from a Tensor, a tuple, or (with ``model``) a dict of keyword
+    arguments (``{"pixel_values": x}``), bound to ``model``'s forward with the defaults of the
+    parameters before the last one given."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
+    if isinstance(example_inputs, Mapping) and model is not None:
+        try:
+            bound = inspect.signature(type(model).forward).bind_partial(model, **example_inputs)
+        except TypeError as exc:
+            raise TypeError(f"example_inputs must be a Tensor or a tuple of forward arguments (or a dict of "
+                            f"keyword arguments {type(model).__name__}.forward takes): {exc}") from None
+        bound.apply_defaults()
+        if bound.kwargs:  # keyword-only or **kwargs parameters cannot be passed by position
+            raise TypeError(f"example_inputs must be a Tensor or a tuple of forward arguments: keys "
+                            f"{sorted(bound.kwargs)} are keyword-only in {type(model).__name__}.forward")
+        return tuple(bound.args[1:])
     raise TypeError(
-        f"example_inputs must be a Tensor or a tuple of forward arguments, got "
-        f"{type(example_inputs).__name__}"
+        f"example_inputs must be a Tensor or a tuple of forward arguments (or a dict of keyword "
+        f"arguments), got {type(example_inputs).__name__}"
     )
 
 
@@ -245,7 +260,7 @@ def record_module_shapes(model: nn.Module, example_inputs: Any = None) -> list[M
     that fails on the example input is a ValueError naming the input and the expected one.
     """
     inferred = example_inputs is None
-    args = (infer_example_input(model),) if inferred else as_args(example_inputs)
+    args = (infer_example_input(model),) if inferred else as_args(example_inputs, model)
     try:
         return run_recorded(model, args)
     except Exception as exc:
@@ -265,7 +280,7 @@ def check_example_input(model: nn.Module, example_inputs: Any) -> None:
     """Run one eval-mode, no-grad forward of ``example_inputs`` (a Tensor or a tuple of forward
     arguments); a failure is a ValueError naming the input given and the one the model expects.
     The model's training flags are restored."""
-    args = as_args(example_inputs)
+    args = as_args(example_inputs, model)
     try:
         with training_flags(model, False), torch.no_grad():
             model(*args)
